@@ -1,0 +1,75 @@
+"""The ``ladder-siam`` command: one subcommand per pipeline step.
+
+Each subcommand is a thin shell: its options come from the step module's
+``get_args_parser()`` and its work is the module's ``main(args)``. The modules are imported
+only when their subcommand runs, so ``ladder-siam prepare-shards`` never pays for importing
+torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from ladder_siam import __version__, storage
+
+# subcommand -> (module, one-line help)
+COMMANDS = {
+    "demo-data": ("ladder_siam.demo_data", "generate the built-in demo dataset"),
+    "import-fashion-mnist": (
+        "ladder_siam.fashion_mnist",
+        "write Debian's Fashion-MNIST as an imagefolder dataset",
+    ),
+    "prepare-shards": (
+        "ladder_siam.prepare_shards",
+        "turn a source dataset into webdataset shards with manifests",
+    ),
+}
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The top-level parser; only ``command``'s module is imported for its options."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--s3-endpoint",
+        help="S3-compatible endpoint URL (MinIO, SeaweedFS); default: $AWS_ENDPOINT_URL or AWS",
+    )
+    common.add_argument("--log-level", default="INFO", help="logging level (DEBUG, INFO, ...)")
+    parser = argparse.ArgumentParser(
+        prog="ladder-siam", description="Ladder Siamese Network pretraining, step by step."
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module_name, help_text) in COMMANDS.items():
+        parents = [common]
+        if name == command:
+            parents.insert(0, importlib.import_module(module_name).get_args_parser())
+        subparsers.add_parser(name, parents=parents, help=help_text, description=help_text)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs one subcommand; returns the process exit status."""
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((arg for arg in argv if arg in COMMANDS), None)
+    args = build_parser(command).parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    storage.set_s3_endpoint(args.s3_endpoint)
+    module = importlib.import_module(COMMANDS[args.command][0])
+    try:
+        module.main(args)
+    except (ValueError, OSError) as error:
+        # Bad input: one clear line, not a traceback, and a non-zero exit for KFP/Kubernetes.
+        logging.getLogger("ladder_siam").error("%s: %s", args.command, error)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,360 @@
+"""One small interface over object storage (``s3://bucket/key``) and local paths.
+
+Every step reads and writes through these functions, so a run works the same on a laptop
+(plain paths or ``file://`` URIs) and on a cluster (S3, MinIO, SeaweedFS). Writes are atomic:
+a reader never sees a half-written object. Locally that is a temporary file renamed into place;
+on S3 the object appears only when its (possibly multipart) upload completes, and a failed
+upload is aborted.
+
+S3 endpoints other than AWS are chosen with ``AWS_ENDPOINT_URL`` (read by boto3 itself) or
+:func:`set_s3_endpoint`. Credentials come from the usual boto3 chain (environment, Secrets
+mounted as env, instance roles); nothing here ever handles them.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import tempfile
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, BinaryIO
+from urllib.parse import urlparse
+
+if TYPE_CHECKING:
+    from botocore.client import BaseClient
+
+S3_SCHEME = "s3"
+# Parts of 64 MiB keep a 1 GiB shard at 16 parts; S3 allows 10,000 parts of at least 5 MiB.
+MULTIPART_THRESHOLD = 64 * 1024 * 1024
+MULTIPART_CHUNKSIZE = 64 * 1024 * 1024
+# A streaming read that breaks mid-object resumes from its offset this many times.
+READ_RESUME_ATTEMPTS = 5
+
+
+class StorageError(OSError):
+    """An object-storage operation failed; the message names the URI."""
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    """One listed object: its URI, size in bytes and version tag (S3 ETag or mtime)."""
+
+    uri: str
+    size: int
+    etag: str
+
+
+def is_s3(uri: str) -> bool:
+    """Whether ``uri`` points into S3-compatible object storage."""
+    return uri.startswith(f"{S3_SCHEME}://")
+
+
+def _local_path(uri: str) -> Path:
+    if uri.startswith("file://"):
+        return Path(urlparse(uri).path)
+    return Path(uri)
+
+
+def _split_s3(uri: str) -> tuple[str, str]:
+    parsed = urlparse(uri)
+    if not parsed.netloc:
+        raise StorageError(f"{uri}: an S3 URI needs a bucket, as in s3://bucket/key")
+    return parsed.netloc, parsed.path.lstrip("/")
+
+
+def join(uri: str, *parts: str) -> str:
+    """Joins path segments onto a URI with ``/``, whatever its scheme."""
+    out = uri.rstrip("/")
+    for part in parts:
+        out = f"{out}/{part.strip('/')}"
+    return out
+
+
+def parent(uri: str) -> str:
+    """The URI of the folder (prefix) that holds ``uri``."""
+    return uri.rstrip("/").rsplit("/", 1)[0]
+
+
+def resolve(base_dir: str, reference: str) -> str:
+    """Resolves ``reference`` against the folder ``base_dir``, unless it is already absolute."""
+    if "://" in reference or reference.startswith("/"):
+        return reference
+    return join(base_dir, reference)
+
+
+def set_s3_endpoint(url: str | None) -> None:
+    """Points every S3 client (in this process and its children) at ``url`` (MinIO, SeaweedFS).
+
+    It is set through ``AWS_ENDPOINT_URL`` rather than a module variable so that worker
+    processes started later inherit it.
+    """
+    if url:
+        os.environ["AWS_ENDPOINT_URL"] = url
+        _clients.clear()
+
+
+_clients: dict[tuple[int, int, str | None], BaseClient] = {}
+
+
+def s3_client() -> BaseClient:
+    """A boto3 S3 client for this process and thread, with retries and backoff configured.
+
+    boto3 clients are not safe to share across forked processes, so clients are cached per
+    process id (and per thread, as boto3 sessions are not thread-safe either).
+    """
+    key = (os.getpid(), threading.get_ident(), os.environ.get("AWS_ENDPOINT_URL"))
+    client = _clients.get(key)
+    if client is None:
+        import boto3
+        from botocore.config import Config
+
+        config = Config(
+            # "adaptive" adds client-side rate limiting on throttling (503 SlowDown) on top of
+            # the exponential backoff with jitter of "standard".
+            retries={"max_attempts": 10, "mode": "adaptive"},
+            connect_timeout=10,
+            read_timeout=60,
+            max_pool_connections=32,
+        )
+        client = boto3.session.Session().client("s3", config=config)
+        _clients[key] = client
+    return client
+
+
+def _client_error_code(error: Exception) -> str:
+    return str(getattr(error, "response", {}).get("Error", {}).get("Code", ""))
+
+
+def _not_found(error: Exception) -> bool:
+    return _client_error_code(error) in {"404", "NoSuchKey", "NotFound", "NoSuchBucket"}
+
+
+def list_files(prefix: str) -> Iterator[FileInfo]:
+    """Lists every object (file) under ``prefix``, recursively, in lexicographic order.
+
+    Args:
+        prefix: A folder URI; ``s3://bucket/data`` lists keys under ``data/``.
+
+    Raises:
+        StorageError: The prefix does not exist or cannot be listed.
+    """
+    if is_s3(prefix):
+        yield from _list_s3(prefix)
+        return
+    root = _local_path(prefix)
+    if not root.is_dir():
+        raise StorageError(f"{prefix}: no such directory")
+    paths = sorted(p for p in root.rglob("*") if p.is_file())
+    for path in paths:
+        stat = path.stat()
+        uri = join(prefix, path.relative_to(root).as_posix())
+        yield FileInfo(uri=uri, size=stat.st_size, etag=str(stat.st_mtime_ns))
+
+
+def _list_s3(prefix: str) -> Iterator[FileInfo]:
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    bucket, key_prefix = _split_s3(prefix)
+    if key_prefix and not key_prefix.endswith("/"):
+        key_prefix += "/"
+    paginator = s3_client().get_paginator("list_objects_v2")
+    try:
+        for page in paginator.paginate(Bucket=bucket, Prefix=key_prefix):
+            for obj in page.get("Contents", []):
+                if obj["Key"].endswith("/"):
+                    continue  # folder placeholder objects made by some consoles
+                yield FileInfo(
+                    uri=f"{S3_SCHEME}://{bucket}/{obj['Key']}",
+                    size=int(obj["Size"]),
+                    etag=str(obj.get("ETag", "")).strip('"'),
+                )
+    except (ClientError, BotoCoreError) as error:
+        raise StorageError(f"{prefix}: cannot list: {error}") from error
+
+
+def exists(uri: str) -> bool:
+    """Whether a file (object) exists at ``uri``."""
+    if not is_s3(uri):
+        return _local_path(uri).is_file()
+    from botocore.exceptions import ClientError
+
+    bucket, key = _split_s3(uri)
+    try:
+        s3_client().head_object(Bucket=bucket, Key=key)
+    except ClientError as error:
+        if _not_found(error):
+            return False
+        raise StorageError(f"{uri}: {error}") from error
+    return True
+
+
+def size(uri: str) -> int:
+    """Size of the file (object) at ``uri`` in bytes.
+
+    Raises:
+        FileNotFoundError: Nothing exists at ``uri``.
+    """
+    if not is_s3(uri):
+        path = _local_path(uri)
+        if not path.is_file():
+            raise FileNotFoundError(f"{uri}: no such file")
+        return path.stat().st_size
+    from botocore.exceptions import ClientError
+
+    bucket, key = _split_s3(uri)
+    try:
+        return int(s3_client().head_object(Bucket=bucket, Key=key)["ContentLength"])
+    except ClientError as error:
+        if _not_found(error):
+            raise FileNotFoundError(f"{uri}: no such object") from error
+        raise StorageError(f"{uri}: {error}") from error
+
+
+def open_read(uri: str) -> BinaryIO:
+    """Opens ``uri`` for a streaming, buffered binary read; nothing is downloaded up front.
+
+    On S3 a connection that breaks mid-object is re-opened at the current offset with a
+    ranged GET, so a days-long training run survives a flaky network.
+
+    Raises:
+        FileNotFoundError: Nothing exists at ``uri``.
+    """
+    if not is_s3(uri):
+        path = _local_path(uri)
+        if not path.is_file():
+            raise FileNotFoundError(f"{uri}: no such file")
+        return path.open("rb")
+    return io.BufferedReader(_S3RangeReader(uri), buffer_size=1024 * 1024)
+
+
+def read_bytes(uri: str) -> bytes:
+    """Reads the whole file (object) at ``uri``."""
+    with open_read(uri) as stream:
+        return stream.read()
+
+
+def read_text(uri: str) -> str:
+    """Reads the whole file (object) at ``uri`` as UTF-8 text."""
+    return read_bytes(uri).decode("utf-8")
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Writes ``data`` to ``uri`` atomically."""
+    with atomic_write(uri) as stream:
+        stream.write(data)
+
+
+def write_text(uri: str, text: str) -> None:
+    """Writes UTF-8 ``text`` to ``uri`` atomically."""
+    write_bytes(uri, text.encode("utf-8"))
+
+
+@contextmanager
+def atomic_write(uri: str) -> Iterator[BinaryIO]:
+    """Yields a binary stream whose content appears at ``uri`` only if the block succeeds.
+
+    Locally the data goes to a hidden temporary file in the destination folder, which is
+    renamed over ``uri`` at the end (``os.replace`` is atomic on POSIX). On S3 the data is
+    spooled to a temporary file and uploaded at the end, as a multipart upload when large;
+    S3 shows an object only once its upload completes and boto3 aborts failed uploads.
+    """
+    if is_s3(uri):
+        with tempfile.TemporaryFile(prefix="ladder-siam-upload-") as spool:
+            yield spool
+            spool.seek(0)
+            _upload(spool, uri)
+        return
+    path = _local_path(uri)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as stream:
+            yield stream
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+
+
+def _upload(stream: BinaryIO, uri: str) -> None:
+    from boto3.s3.transfer import TransferConfig
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    bucket, key = _split_s3(uri)
+    config = TransferConfig(
+        multipart_threshold=MULTIPART_THRESHOLD, multipart_chunksize=MULTIPART_CHUNKSIZE
+    )
+    try:
+        s3_client().upload_fileobj(stream, bucket, key, Config=config)
+    except (ClientError, BotoCoreError) as error:
+        raise StorageError(f"{uri}: upload failed: {error}") from error
+
+
+def copy_file(source: str, dest: str) -> None:
+    """Copies one file between any two URIs (local or S3), atomically at the destination."""
+    with open_read(source) as src, atomic_write(dest) as dst:
+        shutil.copyfileobj(src, dst, length=1024 * 1024)
+
+
+class _S3RangeReader(io.RawIOBase):
+    """A raw stream over one S3 object that re-opens broken connections at its offset."""
+
+    def __init__(self, uri: str) -> None:
+        from botocore.exceptions import ClientError
+
+        self.uri = uri
+        self.bucket, self.key = _split_s3(uri)
+        self.offset = 0
+        try:
+            response = s3_client().get_object(Bucket=self.bucket, Key=self.key)
+        except ClientError as error:
+            if _not_found(error):
+                raise FileNotFoundError(f"{uri}: no such object") from error
+            raise StorageError(f"{uri}: {error}") from error
+        self.length = int(response["ContentLength"])
+        self.etag = response.get("ETag")
+        self.body = response["Body"]
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
+        from botocore.exceptions import BotoCoreError, ClientError
+        from urllib3.exceptions import HTTPError
+
+        if self.offset >= self.length:
+            return 0
+        for attempt in range(READ_RESUME_ATTEMPTS + 1):
+            try:
+                data = self.body.read(len(buffer))
+                if not data:
+                    raise StorageError(f"{self.uri}: stream ended at byte {self.offset}")
+                break
+            except (HTTPError, BotoCoreError, OSError) as error:
+                if attempt == READ_RESUME_ATTEMPTS:
+                    raise StorageError(f"{self.uri}: read failed at byte {self.offset}") from error
+                try:
+                    # IfMatch makes a resumed read fail rather than splice two object versions.
+                    self.body = s3_client().get_object(
+                        Bucket=self.bucket,
+                        Key=self.key,
+                        Range=f"bytes={self.offset}-",
+                        IfMatch=self.etag,
+                    )["Body"]
+                except ClientError as reopen_error:
+                    raise StorageError(f"{self.uri}: cannot resume read") from reopen_error
+        buffer[: len(data)] = data
+        self.offset += len(data)
+        return len(data)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.body.close()
+        super().close()
