@@ -25,11 +25,11 @@ from pathlib import Path
 
 import torch
 import torchvision
-from ladder_siam.fashion_mnist import import_fashion_mnist
 from torchvision import transforms
 
 from ladder_siam.data import CenterCropResize, ShardDataset, make_loader
 from ladder_siam.demo_data import make_demo_data
+from ladder_siam.fashion_mnist import import_fashion_mnist
 from ladder_siam.manifest import load_split
 from ladder_siam.prepare_shards import prepare_shards
 
@@ -42,7 +42,7 @@ def timed(function: Callable[[], int]) -> tuple[int, float]:
 
 def bench_prepare(source: str, dest: str, workers: int) -> float:
     def run() -> int:
-        manifest = prepare_shards(source, dest, shard_size=500, workers=workers)
+        manifest = prepare_shards(source, dest, shard_size=250, workers=workers)
         return sum(split.num_samples for split in manifest.splits.values())
 
     count, seconds = timed(run)

@@ -78,6 +78,7 @@ def test_epochs_are_deterministic_and_differ(shards: str) -> None:
     assert epoch(0) != epoch(0, seed=6)
 
 
+@pytest.mark.filterwarnings("ignore:This DataLoader will create 3 worker processes")
 @pytest.mark.parametrize("start", [1, 4, 7])
 def test_resume_mid_epoch_yields_exactly_the_remaining_batches(shards: str, start: int) -> None:
     def run(start_batch: int) -> list[tuple[list[int], torch.Tensor]]:

@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import multiprocessing
+import time
 import zlib
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
@@ -152,13 +153,14 @@ def prepare_shards(
     if receipts:
         logger.info("resuming: %d of %d shards are already complete", len(receipts), len(tasks))
 
+    start = time.monotonic()
     with Progress(total_inputs, "prepare-shards", unit="img", logger=logger) as progress:
         progress.update(sum(receipt.inputs for receipt in receipts.values()))
-        reused = progress.done
         for task, receipt in _run(pending, workers):
             receipts[(task.split, task.index)] = receipt
             progress.update(receipt.inputs, shards=len(receipts))
-        written_rate = (progress.done - reused) / max(progress.done / progress.rate, 1e-9)
+    processed = sum(len(task.items) for task in pending)
+    written_rate = processed / max(time.monotonic() - start, 1e-9)
 
     manifest = _commit(dest, source, listing, tasks, receipts, seed, max_side)
     _log_summary(manifest, listing.skipped, receipts.values(), total_inputs, written_rate)
