@@ -23,7 +23,9 @@ demo: setup
 	$(BIN)/ladder-siam prepare-shards --source $(DEMO)/raw/imagefolder --dest $(DEMO)/datasets/demo --layout imagefolder --shard-size 100 --workers 2
 	$(BIN)/ladder-siam prepare-shards --source $(DEMO)/raw/coco --dest $(DEMO)/datasets/demo-coco --layout coco --shard-size 100 --workers 2
 	$(BIN)/ladder-siam prepare-shards --source $(DEMO)/raw/voc --dest $(DEMO)/datasets/demo-voc --layout voc --shard-size 100 --workers 2
+	$(BIN)/ladder-siam pretrain --config configs/tiny_cpu.yaml --shards $(DEMO)/datasets/demo --out $(DEMO)/runs/ladder-byol
 	@echo "Demo datasets are in $(DEMO)/datasets (manifest.json in each)."
+	@echo "Demo pretraining run: $(DEMO)/runs/ladder-byol (backbone.pt, train_log.jsonl, checkpoints/)."
 
 test: setup
 	$(BIN)/pytest

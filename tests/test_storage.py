@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from ladder_siam import storage
+from ladder_siam.s3_reader import S3RangeReader
 
 
 @pytest.fixture(params=["local", "file", "s3"])
@@ -103,7 +104,7 @@ def test_s3_read_resumes_after_a_broken_connection(s3_bucket: str) -> None:
     uri = f"{s3_bucket}/resume.bin"
     payload = bytes(range(256)) * 4096
     storage.write_bytes(uri, payload)
-    reader = storage._S3RangeReader(uri)
+    reader = S3RangeReader(uri)
     first = reader.read(1000)
     reader.body.close()  # the connection drops mid-object
     rest = b"".join(iter(lambda: reader.read(65536), b""))

@@ -26,6 +26,7 @@ COMMANDS = {
         "ladder_siam.prepare_shards",
         "turn a source dataset into webdataset shards with manifests",
     ),
+    "pretrain": ("ladder_siam.pretrain", "Ladder Siamese pretraining (single process or torchrun)"),
 }
 
 

@@ -64,6 +64,11 @@ class Progress:
             self.logger.info("%s%s", self.line(), _format_postfix(postfix))
 
     @property
+    def has_bar(self) -> bool:
+        """Whether a tqdm bar shows progress (else callers log their own lines)."""
+        return self._bar is not None
+
+    @property
     def rate(self) -> float:
         """Units per second since the start."""
         return self.done / max(time.monotonic() - self.start, 1e-9)

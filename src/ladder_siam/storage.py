@@ -35,8 +35,6 @@ S3_SCHEME = "s3"
 # Parts of 64 MiB keep a 1 GiB shard at 16 parts; S3 allows 10,000 parts of at least 5 MiB.
 MULTIPART_THRESHOLD = 64 * 1024 * 1024
 MULTIPART_CHUNKSIZE = 64 * 1024 * 1024
-# A streaming read that breaks mid-object resumes from its offset this many times.
-READ_RESUME_ATTEMPTS = 5
 
 
 class StorageError(OSError):
@@ -63,7 +61,8 @@ def _local_path(uri: str) -> Path:
     return Path(uri)
 
 
-def _split_s3(uri: str) -> tuple[str, str]:
+def split_s3(uri: str) -> tuple[str, str]:
+    """(bucket, key) of an ``s3://`` URI."""
     parsed = urlparse(uri)
     if not parsed.netloc:
         raise StorageError(f"{uri}: an S3 URI needs a bucket, as in s3://bucket/key")
@@ -133,7 +132,8 @@ def _client_error_code(error: Exception) -> str:
     return str(getattr(error, "response", {}).get("Error", {}).get("Code", ""))
 
 
-def _not_found(error: Exception) -> bool:
+def not_found(error: Exception) -> bool:
+    """Whether a botocore error means that the object or bucket does not exist."""
     return _client_error_code(error) in {"404", "NoSuchKey", "NotFound", "NoSuchBucket"}
 
 
@@ -162,7 +162,7 @@ def list_files(prefix: str) -> Iterator[FileInfo]:
 def _list_s3(prefix: str) -> Iterator[FileInfo]:
     from botocore.exceptions import BotoCoreError, ClientError
 
-    bucket, key_prefix = _split_s3(prefix)
+    bucket, key_prefix = split_s3(prefix)
     if key_prefix and not key_prefix.endswith("/"):
         key_prefix += "/"
     paginator = s3_client().get_paginator("list_objects_v2")
@@ -186,14 +186,28 @@ def exists(uri: str) -> bool:
         return _local_path(uri).is_file()
     from botocore.exceptions import ClientError
 
-    bucket, key = _split_s3(uri)
+    bucket, key = split_s3(uri)
     try:
         s3_client().head_object(Bucket=bucket, Key=key)
     except ClientError as error:
-        if _not_found(error):
+        if not_found(error):
             return False
         raise StorageError(f"{uri}: {error}") from error
     return True
+
+
+def delete(uri: str) -> None:
+    """Deletes the file (object) at ``uri``; deleting what does not exist is not an error."""
+    if not is_s3(uri):
+        _local_path(uri).unlink(missing_ok=True)
+        return
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    bucket, key = split_s3(uri)
+    try:
+        s3_client().delete_object(Bucket=bucket, Key=key)
+    except (ClientError, BotoCoreError) as error:
+        raise StorageError(f"{uri}: cannot delete: {error}") from error
 
 
 def size(uri: str) -> int:
@@ -209,11 +223,11 @@ def size(uri: str) -> int:
         return path.stat().st_size
     from botocore.exceptions import ClientError
 
-    bucket, key = _split_s3(uri)
+    bucket, key = split_s3(uri)
     try:
         return int(s3_client().head_object(Bucket=bucket, Key=key)["ContentLength"])
     except ClientError as error:
-        if _not_found(error):
+        if not_found(error):
             raise FileNotFoundError(f"{uri}: no such object") from error
         raise StorageError(f"{uri}: {error}") from error
 
@@ -232,7 +246,9 @@ def open_read(uri: str) -> BinaryIO:
         if not path.is_file():
             raise FileNotFoundError(f"{uri}: no such file")
         return path.open("rb")
-    return io.BufferedReader(_S3RangeReader(uri), buffer_size=1024 * 1024)
+    from ladder_siam.s3_reader import S3RangeReader
+
+    return io.BufferedReader(S3RangeReader(uri), buffer_size=1024 * 1024)
 
 
 def read_bytes(uri: str) -> bytes:
@@ -291,7 +307,7 @@ def _upload(stream: BinaryIO, uri: str) -> None:
     from boto3.s3.transfer import TransferConfig
     from botocore.exceptions import BotoCoreError, ClientError
 
-    bucket, key = _split_s3(uri)
+    bucket, key = split_s3(uri)
     config = TransferConfig(
         multipart_threshold=MULTIPART_THRESHOLD, multipart_chunksize=MULTIPART_CHUNKSIZE
     )
@@ -344,60 +360,3 @@ def copy_file(source: str, dest: str) -> None:
     """Copies one file between any two URIs (local or S3), atomically at the destination."""
     with open_read(source) as src, atomic_write(dest) as dst:
         shutil.copyfileobj(src, dst, length=1024 * 1024)
-
-
-class _S3RangeReader(io.RawIOBase):
-    """A raw stream over one S3 object that re-opens broken connections at its offset."""
-
-    def __init__(self, uri: str) -> None:
-        from botocore.exceptions import ClientError
-
-        self.uri = uri
-        self.bucket, self.key = _split_s3(uri)
-        self.offset = 0
-        try:
-            response = s3_client().get_object(Bucket=self.bucket, Key=self.key)
-        except ClientError as error:
-            if _not_found(error):
-                raise FileNotFoundError(f"{uri}: no such object") from error
-            raise StorageError(f"{uri}: {error}") from error
-        self.length = int(response["ContentLength"])
-        self.etag = response.get("ETag")
-        self.body = response["Body"]
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
-        from botocore.exceptions import BotoCoreError, ClientError
-        from urllib3.exceptions import HTTPError
-
-        if self.offset >= self.length:
-            return 0
-        for attempt in range(READ_RESUME_ATTEMPTS + 1):
-            try:
-                data = self.body.read(len(buffer))
-                if not data:
-                    raise StorageError(f"{self.uri}: stream ended at byte {self.offset}")
-                break
-            except (HTTPError, BotoCoreError, OSError) as error:
-                if attempt == READ_RESUME_ATTEMPTS:
-                    raise StorageError(f"{self.uri}: read failed at byte {self.offset}") from error
-                try:
-                    # IfMatch makes a resumed read fail rather than splice two object versions.
-                    self.body = s3_client().get_object(
-                        Bucket=self.bucket,
-                        Key=self.key,
-                        Range=f"bytes={self.offset}-",
-                        IfMatch=self.etag,
-                    )["Body"]
-                except ClientError as reopen_error:
-                    raise StorageError(f"{self.uri}: cannot resume read") from reopen_error
-        buffer[: len(data)] = data
-        self.offset += len(data)
-        return len(data)
-
-    def close(self) -> None:
-        if not self.closed:
-            self.body.close()
-        super().close()

@@ -1,0 +1,157 @@
+"""Training-step throughput: the four methods x (fp32, bf16 + channels_last, compiled).
+
+Measures the full step of ``ladder_siam.pretrain.training_step`` on synthetic uint8 views
+already on the device: the batched photometric augmentation, forward and backward of the
+online network, the target's forward, LARS and the EMA update. Reports images/s (an image
+is one pair of views), peak memory, and the ratios the project tracks: Ladder-BYOL vs BYOL
+and Ladder-DenseBYOL vs Ladder-BYOL. Results are appended as JSON lines to ``--out``, so a
+run stopped early keeps what it measured.
+
+GPU (the issue's setting): ``python benchmarks/bench_step.py --arch resnet50 --batch-size 256``
+CPU smoke: ``python benchmarks/bench_step.py --arch resnet18 --small-input --image-size 32
+--batch-size 8 --steps 2 --warmup 1 --variants fp32``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from ladder_siam.distributed import DistributedEnv
+from ladder_siam.metrics import TrainingMetrics
+from ladder_siam.pretrain import Trainer, build_augment, build_model, build_optimizer, training_step
+from ladder_siam.pretrain_config import PretrainConfig
+from ladder_siam.schedules import ema_tau, warmup_cosine
+from ladder_siam.train_log import TrainLog
+
+VARIANTS = {
+    "fp32": {"precision": "fp32", "channels_last": False, "compile": False},
+    "bf16-cl": {"precision": "bf16", "channels_last": True, "compile": False},
+    "bf16-cl-compiled": {"precision": "bf16", "channels_last": True, "compile": True},
+}
+METHODS = ("byol", "ladder-byol", "dense-byol", "ladder-dense-byol")
+
+
+def bench(method: str, variant: str, args: argparse.Namespace, device: torch.device) -> dict:
+    config = PretrainConfig(
+        shards="synthetic", out="unused", method=method, arch=args.arch,
+        small_input=args.small_input, image_size=args.image_size, batch_size=args.batch_size,
+        hidden_dim=args.hidden_dim, projection_dim=args.projection_dim, **VARIANTS[variant],
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = build_model(config, device)
+    total = args.warmup + args.steps
+    trainer = Trainer(
+        config=config, env=DistributedEnv(0, 0, 1, device), model=model,
+        step_model=torch.compile(model) if config.compile else model,
+        optimizer=build_optimizer(model, config),
+        lr=warmup_cosine(1.0, total, 1), tau=ema_tau(0.99, total),
+        augment=build_augment(config, device), steps_per_epoch=total, total_steps=total,
+        metrics=TrainingMetrics(method=method, arch=args.arch),
+        train_log=TrainLog("unused", None, enabled=False),
+    )  # fmt: skip
+    shape = (args.batch_size, 3, args.image_size, args.image_size)
+    views = [(torch.randint(0, 256, shape, dtype=torch.uint8, device=device),) * 2]
+    compile_start = time.perf_counter()
+    for _ in range(args.warmup):
+        training_step(trainer, views)
+    _sync(device)
+    warmup_seconds = time.perf_counter() - compile_start
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        training_step(trainer, views)
+    _sync(device)
+    seconds = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+    return {
+        "method": method, "variant": variant,
+        "images_per_second": args.steps * args.batch_size / seconds,
+        "step_ms": 1000 * seconds / args.steps, "peak_memory_gib": peak / 2**30,
+        "warmup_seconds": warmup_seconds,
+    }  # fmt: skip
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def summarize(results: list[dict]) -> str:
+    """The Markdown table plus the ratios, from the JSON records."""
+    by_key = {(r["method"], r["variant"]): r for r in results}
+    lines = ["| method | variant | images/s | step ms | peak GiB |", "|---|---|---|---|---|"]
+    lines += [
+        f"| {r['method']} | {r['variant']} | {r['images_per_second']:.0f} | {r['step_ms']:.1f} "
+        f"| {r['peak_memory_gib']:.1f} |"
+        for r in results
+    ]
+    for variant in VARIANTS:
+        ladder, byol = by_key.get(("ladder-byol", variant)), by_key.get(("byol", variant))
+        dense = by_key.get(("ladder-dense-byol", variant))
+        if ladder and byol:
+            ratio = ladder["step_ms"] / byol["step_ms"]
+            lines.append(f"\n{variant}: Ladder-BYOL time / BYOL time = {ratio:.3f}")
+        if ladder and dense:
+            ratio = dense["step_ms"] / ladder["step_ms"]
+            memory = dense["peak_memory_gib"] / max(ladder["peak_memory_gib"], 1e-9)
+            lines.append(
+                f"{variant}: Ladder-DenseBYOL / Ladder-BYOL time = {ratio:.3f}, "
+                f"peak memory = {memory:.3f}"
+            )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", default="resnet50")
+    parser.add_argument("--small-input", action="store_true")
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--batch-size", type=int, default=256, help="per GPU")
+    parser.add_argument("--hidden-dim", type=int, default=4096)
+    parser.add_argument("--projection-dim", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=20, help="timed steps")
+    parser.add_argument(
+        "--warmup", type=int, default=5, help="untimed steps (compilation, cuDNN autotuning)"
+    )
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--out", default="bench_step.jsonl", help="JSON lines, appended per result")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    name = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else platform.processor() or "cpu"
+    )
+    print(
+        f"device {name}; torch {torch.__version__}; {args.arch} {args.image_size} px, "
+        f"batch {args.batch_size}",
+        flush=True,
+    )
+    results = []
+    for variant in args.variants.split(","):
+        for method in args.methods.split(","):
+            result = bench(method, variant, args, device)
+            results.append(result)
+            print(json.dumps(result), flush=True)
+            with Path(args.out).open("a") as stream:
+                stream.write(
+                    json.dumps({**result, "device": name, "torch": torch.__version__}) + "\n"
+                )
+    print(summarize(results), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""Joining the process group that torchrun or a Kubeflow PyTorchJob describes.
+
+torchrun (also inside each PyTorchJob pod) sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
+``MASTER_ADDR`` and ``MASTER_PORT`` for every process it starts; a plain ``python`` run has
+none of them and trains as a single process.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DistributedEnv:
+    """Where this process stands: its ranks and its device."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 writes checkpoints, logs and reports."""
+        return self.rank == 0
+
+    @property
+    def is_local_main(self) -> bool:
+        """Local rank 0 serves the pod's Prometheus metrics."""
+        return self.local_rank == 0
+
+
+def setup(timeout_minutes: float = 30.0) -> DistributedEnv:
+    """Initialises the process group from the environment (NCCL on GPUs, gloo on CPUs).
+
+    The generous timeout covers a slow first S3 read on one rank while the others wait in
+    the first collective.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world_size > 1 and not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(
+            backend,
+            timeout=datetime.timedelta(minutes=timeout_minutes),
+            device_id=device if device.type == "cuda" else None,
+        )
+        logger.info("rank %d of %d joined (%s, %s)", rank, world_size, backend, device)
+    return DistributedEnv(rank, local_rank, world_size, device)
+
+
+def cleanup() -> None:
+    """Leaves the process group, if any."""
+    if dist.is_initialized():
+        dist.destroy_process_group()

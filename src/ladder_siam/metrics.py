@@ -1,0 +1,249 @@
+"""The trainer's Prometheus metrics, served on ``/metrics`` or pushed to a Pushgateway.
+
+Conventions: every name starts with ``ladder_siam_``, values are in base units (seconds,
+bytes), counters end in ``_total``, and no label carries a run id: runs are told apart by the
+pod labels that the PodMonitor adds, so series stay few however many runs there are.
+
+Each :class:`TrainingMetrics` owns its own registry instead of the process-wide default, so
+several instances (tests, a trainer and an evaluation in one process) never collide.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterable, Mapping
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    push_to_gateway,
+    start_http_server,
+)
+
+from ladder_siam import __version__
+
+PREFIX = "ladder_siam_"
+LEVELS = ("res2", "res3", "res4", "res5")
+TOTAL = "total"
+# Steps take 0.05–5 s from a laptop CPU to a multi-node GPU job; the outer buckets catch
+# stalls (a slow shard, a checkpoint written in the step).
+STEP_BUCKETS = (0.025, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 30.0)
+
+
+class TrainingMetrics:
+    """The pretraining metrics of one process, in a registry of their own.
+
+    Args:
+        method: The ladder method string, e.g. ``"DDGG"`` (a low-cardinality build label).
+        arch: The backbone, e.g. ``"resnet50"``.
+        levels: The ladder levels that carry a loss; ``"total"`` is added for the sum.
+
+    Attributes:
+        levels: The ladder levels, as given.
+        registry: The registry that holds every metric of this instance.
+    """
+
+    def __init__(self, method: str, arch: str, levels: Iterable[str] = LEVELS) -> None:
+        self.levels = tuple(levels)
+        self.registry = CollectorRegistry()
+        self._server: WSGIServer | None = None
+        self._steps = self._counter("train_steps", "Optimizer steps.")
+        self._samples = self._counter("train_samples", "Images trained on.")
+        self._loss = self._gauge("train_loss", "Loss of the last interval.", "level")
+        self._learning_rate = self._gauge("learning_rate", "Learning rate.")
+        self._ema_tau = self._gauge("ema_tau", "EMA rate τ of the target network.")
+        self._step_duration = Histogram(
+            f"{PREFIX}train_step_duration_seconds",
+            "Wall time of one step, data wait included.",
+            buckets=STEP_BUCKETS,
+            registry=self.registry,
+        )
+        self._data_wait = self._counter("data_wait_seconds", "Time steps waited for the loader.")
+        self._output_std = self._gauge(
+            "output_std",
+            "Std across the batch of the normalised projection outputs; near 0 means collapse.",
+            "level",
+        )
+        self._collapse_warnings = self._counter("collapse_warnings", "Collapse warnings.", "level")
+        self._nonfinite_loss = self._counter(
+            "nonfinite_loss", "Steps with a NaN or inf loss.", "level"
+        )
+        self._last_step = self._gauge("last_step_timestamp_seconds", "Unix time of the last step.")
+        self._epoch = self._gauge("epoch", "Current epoch.")
+        # A device label, so that without CUDA the series are absent rather than a false 0.
+        self._gpu_allocated = self._gauge(
+            "gpu_memory_allocated_bytes", "GPU memory held by tensors.", "device"
+        )
+        self._gpu_max_allocated = self._gauge(
+            "gpu_memory_max_allocated_bytes", "Peak GPU memory held by tensors.", "device"
+        )
+        self._images_per_second = self._gauge(
+            "images_per_second", "Throughput of the last interval."
+        )
+        Info(
+            f"{PREFIX}build", "Package version and run configuration.", registry=self.registry
+        ).info({"version": __version__, "method": method, "arch": arch})
+        # Zero-valued series from the start, so rate() and alerts see the first increment.
+        for name in (*self.levels, TOTAL):
+            self._nonfinite_loss.labels(name)
+        for name in self.levels:
+            self._collapse_warnings.labels(name)
+
+    def record_step(self, batch_size: int, duration_s: float, data_wait_s: float) -> None:
+        """Counts one optimizer step.
+
+        Args:
+            batch_size: Images in the step's batch (on this process).
+            duration_s: Wall time of the whole step, data wait included.
+            data_wait_s: Part of it spent waiting for the loader.
+        """
+        self._steps.inc()
+        self._samples.inc(batch_size)
+        self._step_duration.observe(duration_s)
+        self._data_wait.inc(data_wait_s)
+        self._last_step.set_to_current_time()
+
+    def record_interval(
+        self,
+        losses: Mapping[str, float],
+        output_std: Mapping[str, float],
+        lr: float,
+        tau: float,
+        images_per_second: float,
+        epoch: int,
+    ) -> None:
+        """Sets the gauges at the end of a logging interval, GPU memory included.
+
+        Args:
+            losses: Loss per level, and under ``"total"`` their sum.
+            output_std: Output spread per level (the collapse signal).
+            lr: Current learning rate.
+            tau: Current EMA rate.
+            images_per_second: Throughput over the interval.
+            epoch: Current epoch.
+        """
+        for name, value in losses.items():
+            self._loss.labels(self._level(name, allow_total=True)).set(value)
+        for name, value in output_std.items():
+            self._output_std.labels(self._level(name)).set(value)
+        self._learning_rate.set(lr)
+        self._ema_tau.set(tau)
+        self._images_per_second.set(images_per_second)
+        self._epoch.set(epoch)
+        self.record_gpu_memory()
+
+    def record_nonfinite(self, level: str) -> None:
+        """Counts a NaN or inf loss at ``level`` (a ladder level or ``"total"``)."""
+        self._nonfinite_loss.labels(self._level(level, allow_total=True)).inc()
+
+    def record_collapse_warning(self, level: str) -> None:
+        """Counts a collapse warning at a ladder level."""
+        self._collapse_warnings.labels(self._level(level)).inc()
+
+    def record_gpu_memory(self) -> None:
+        """Sets the GPU memory gauges for the current CUDA device; does nothing without CUDA."""
+        # Imported here: prepare-shards imports this module and must not pay for torch.
+        import torch
+
+        if not torch.cuda.is_available():
+            return
+        device = str(torch.cuda.current_device())
+        self._gpu_allocated.labels(device).set(torch.cuda.memory_allocated())
+        self._gpu_max_allocated.labels(device).set(torch.cuda.max_memory_allocated())
+
+    def serve(self, port: int, addr: str = "0.0.0.0") -> None:
+        """Serves ``/metrics`` from a daemon thread until :meth:`close` or the process ends.
+
+        Args:
+            port: TCP port (the pod's container port named ``metrics``).
+            addr: Address to bind.
+        """
+        self._server, _ = start_http_server(port, addr, registry=self.registry)
+
+    def close(self) -> None:
+        """Stops serving ``/metrics``, if it was served."""
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+    def push(
+        self, job: str, gateway: str | None = None, grouping: Mapping[str, str] | None = None
+    ) -> bool:
+        """Pushes every metric to a Pushgateway, replacing the group's previous push.
+
+        Args:
+            job: The Pushgateway ``job`` label, e.g. ``"pretrain"``.
+            gateway: Pushgateway address; defaults to ``$PUSHGATEWAY_URL``.
+            grouping: Further grouping labels; low-cardinality ones only, never a run id.
+
+        Returns:
+            True when pushed, False when no gateway is configured.
+        """
+        return _push(self.registry, job, gateway, grouping)
+
+    def _counter(self, name: str, documentation: str, *labels: str) -> Counter:
+        return Counter(f"{PREFIX}{name}", documentation, labels, registry=self.registry)
+
+    def _gauge(self, name: str, documentation: str, *labels: str) -> Gauge:
+        return Gauge(f"{PREFIX}{name}", documentation, labels, registry=self.registry)
+
+    def _level(self, name: str, allow_total: bool = False) -> str:
+        # A typo must not become a new series: unknown levels fail loudly instead.
+        if name in self.levels or (allow_total and name == TOTAL):
+            return name
+        raise ValueError(f"unknown level {name!r}; expected one of {self.levels}")
+
+
+def push_job_metrics(
+    job: str,
+    values: Mapping[str, float],
+    gateway: str | None = None,
+    grouping: Mapping[str, str] | None = None,
+) -> bool:
+    """Pushes the results of a short batch step (prepare-shards, an evaluation) as gauges.
+
+    Each value becomes a gauge ``ladder_siam_<name>``; the push also sets
+    ``ladder_siam_job_last_success_timestamp_seconds``, so call it when the step succeeded.
+
+    Args:
+        job: The Pushgateway ``job`` label, e.g. ``"prepare-shards"``.
+        values: Gauge name without the prefix (in base units) to value, e.g.
+            ``{"shards_written": 12}``.
+        gateway: Pushgateway address; defaults to ``$PUSHGATEWAY_URL``.
+        grouping: Further grouping labels; low-cardinality ones only, never a run id.
+
+    Returns:
+        True when pushed, False when no gateway is configured.
+    """
+    registry = CollectorRegistry()
+    for name, value in values.items():
+        # The help names no job: the Pushgateway shows one help per name, whichever came first.
+        gauge = Gauge(
+            f"{PREFIX}{name}", "Pushed by a batch step that succeeded.", registry=registry
+        )
+        gauge.set(value)
+    Gauge(
+        f"{PREFIX}job_last_success_timestamp_seconds",
+        "Unix time the job last succeeded.",
+        registry=registry,
+    ).set(time.time())
+    return _push(registry, job, gateway, grouping)
+
+
+def _push(
+    registry: CollectorRegistry,
+    job: str,
+    gateway: str | None,
+    grouping: Mapping[str, str] | None,
+) -> bool:
+    address = gateway or os.environ.get("PUSHGATEWAY_URL")
+    if not address:
+        return False
+    push_to_gateway(address, job, registry, grouping_key=dict(grouping or {}))
+    return True

@@ -1,0 +1,382 @@
+"""``ladder-siam pretrain``: Ladder Siamese Network pretraining, single process or torchrun.
+
+Run with ``python -m ladder_siam.pretrain`` or ``torchrun --nproc-per-node=8 -m
+ladder_siam.pretrain`` (a Kubeflow PyTorchJob runs the latter in every pod). The loop:
+
+1. loader workers decode, random-resized-crop and flip both views (uint8);
+2. on the device, the photometric half of BYOL's augmentation runs batched;
+3. the Ladder loss (all stages) is back-propagated, LARS steps, the EMA target follows;
+4. every ``log_every`` steps: a log line, a ``train_log.jsonl`` record, Prometheus metrics;
+   every ``checkpoint_every`` steps: an atomic checkpoint, resumed automatically on restart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import itertools
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from ladder_siam import checkpoint, distributed, storage
+from ladder_siam.augment import TwoViewCrop, TwoViewPhotometric
+from ladder_siam.data import ShardDataset, make_loader
+from ladder_siam.health import CollapseMonitor, FiniteCheck, NonFiniteLossError
+from ladder_siam.manifest import load_split
+from ladder_siam.metrics import TrainingMetrics
+from ladder_siam.models import LadderOutput, LadderSiam
+from ladder_siam.optim import LARS, param_groups, scaled_lr
+from ladder_siam.pretrain_config import PretrainConfig, add_arguments, config_from_args
+from ladder_siam.progress import Progress
+from ladder_siam.schedules import ema_tau, warmup_cosine
+from ladder_siam.train_log import TrainLog
+
+logger = logging.getLogger(__name__)
+
+# Settings a resumed run may change; any other difference from the checkpoint is an error.
+RESUMABLE_CHANGES = frozenset(
+    {"shards", "out", "workers", "buffer_size", "log_every", "checkpoint_every",
+     "keep_checkpoints", "max_steps", "metrics_port", "compile", "collapse_threshold",
+     "collapse_patience"}
+)  # fmt: skip
+
+
+@dataclass
+class Trainer:
+    """The state of a run that the loop functions share."""
+
+    config: PretrainConfig
+    env: distributed.DistributedEnv
+    model: LadderSiam
+    step_model: nn.Module
+    optimizer: LARS
+    lr: torch.Tensor
+    tau: torch.Tensor
+    augment: nn.Module
+    steps_per_epoch: int
+    total_steps: int
+    metrics: TrainingMetrics
+    train_log: TrainLog
+    step: int = 0
+
+
+def build_model(config: PretrainConfig, device: torch.device) -> LadderSiam:
+    """The Ladder Siamese model for ``config`` on ``device``."""
+    model = LadderSiam(
+        config.arch,
+        config.levels,
+        config.stage_weights(),
+        small_input=config.small_input,
+        hidden_dim=config.hidden_dim,
+        projection_dim=config.projection_dim,
+        dense_dim=config.dense_dim,
+    )
+    if config.sync_bn:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = model.to(device)
+    if config.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def build_optimizer(model: LadderSiam, config: PretrainConfig) -> LARS:
+    """LARS over the online network and its heads (the target is never optimised)."""
+    online = nn.ModuleList([*model.online_modules(), model.predictors, model.dense_predictors])
+    return LARS(param_groups(online, config.weight_decay), lr=0.0, eta=config.lars_eta)
+
+
+def build_augment(config: PretrainConfig, device: torch.device) -> nn.Module:
+    """The photometric half of BYOL's augmentation, on the training device."""
+    augment = TwoViewPhotometric().to(device)
+    return torch.compile(augment, dynamic=False) if config.compile else augment
+
+
+def training_step(
+    trainer: Trainer, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]
+) -> LadderOutput:
+    """One optimizer step over ``accumulation`` micro-batches; returns their mean output."""
+    config, device, step = trainer.config, trainer.env.device, trainer.step
+    for group in trainer.optimizer.param_groups:
+        group["lr"] = float(trainer.lr[step])
+    autocast = torch.autocast(device.type, torch.bfloat16, enabled=config.precision == "bf16")
+    per_level: dict[str, torch.Tensor] = {}
+    spread: dict[str, torch.Tensor] = {}
+    total = torch.zeros((), device=device)
+    for index, (view_a, view_b) in enumerate(micro_batches):
+        # Augmentation draws from torch's RNG; seeding per step makes a resumed run exact.
+        torch.manual_seed(
+            int(np.random.SeedSequence([config.seed, step, index]).generate_state(1)[0])
+        )
+        with torch.no_grad():
+            view_a, view_b = trainer.augment(
+                view_a.to(device, non_blocking=True), view_b.to(device, non_blocking=True)
+            )
+        if config.channels_last:
+            view_a = view_a.contiguous(memory_format=torch.channels_last)
+            view_b = view_b.contiguous(memory_format=torch.channels_last)
+        last = index == len(micro_batches) - 1
+        no_sync = getattr(trainer.step_model, "no_sync", None)
+        sync = contextlib.nullcontext() if last or no_sync is None else no_sync()
+        with sync:
+            with autocast:
+                output = trainer.step_model(view_a, view_b)
+            (output.loss / len(micro_batches)).backward()
+        total += output.loss.detach() / len(micro_batches)
+        for level, loss in output.per_level.items():
+            per_level[level] = per_level.get(level, 0) + loss.detach() / len(micro_batches)
+            spread[level] = spread.get(level, 0) + output.output_std[level] / len(micro_batches)
+    trainer.optimizer.step()
+    trainer.optimizer.zero_grad(set_to_none=True)
+    trainer.model.update_target(float(trainer.tau[step]))
+    trainer.step += 1
+    return LadderOutput(total, per_level, spread)
+
+
+def train_one_epoch(
+    trainer: Trainer,
+    loader: torch.utils.data.DataLoader,
+    epoch: int,
+    progress: Progress,
+    finite: FiniteCheck,
+    collapse: CollapseMonitor,
+) -> None:
+    """Runs the steps of one epoch (from the resumed position) until it or the run ends."""
+    config = trainer.config
+    batches = iter(loader)
+    interval: list[torch.Tensor] = []
+    interval_start, data_wait, images = time.perf_counter(), 0.0, 0
+    while trainer.step < trainer.total_steps:
+        wait_start = time.perf_counter()
+        micro_batches = list(itertools.islice(batches, config.accumulation))
+        if len(micro_batches) < config.accumulation:
+            return
+        waited = time.perf_counter() - wait_start
+        step_start = time.perf_counter()
+        output = training_step(trainer, micro_batches)
+        finite.submit(trainer.step, {"total": output.loss, **output.per_level})
+        levels = list(output.per_level)
+        interval.append(
+            torch.stack([output.loss, *output.per_level.values(), *output.output_std.values()])
+        )
+        batch = sum(views[0].shape[0] for views in micro_batches) * trainer.env.world_size
+        images += batch
+        data_wait += waited
+        trainer.metrics.record_step(batch, time.perf_counter() - step_start + waited, waited)
+        progress.update(1)
+        if trainer.step % config.log_every == 0 or trainer.step == trainer.total_steps:
+            finite.check()
+            elapsed = time.perf_counter() - interval_start
+            means = torch.stack(interval).mean(dim=0).tolist()
+            record = _record(trainer, epoch, levels, means, images / elapsed, data_wait / elapsed)
+            _report(trainer, record, levels, collapse, progress)
+            interval, interval_start, data_wait, images = [], time.perf_counter(), 0.0, 0
+        if trainer.step % config.checkpoint_every == 0 or trainer.step == trainer.total_steps:
+            finite.check()
+            save_checkpoint(trainer)
+
+
+def _record(
+    trainer: Trainer, epoch: int, levels: list[str], means: list[float], rate: float, wait: float
+) -> dict[str, Any]:
+    step = trainer.step - 1
+    record: dict[str, Any] = {
+        "step": trainer.step,
+        "epoch": epoch,
+        "lr": float(trainer.lr[step]),
+        "tau": float(trainer.tau[step]),
+        "loss": means[0],
+    }
+    record.update({f"loss_{level}": means[1 + i] for i, level in enumerate(levels)})
+    record.update({f"std_{level}": means[1 + len(levels) + i] for i, level in enumerate(levels)})
+    record.update(
+        {"images_per_second": rate, "data_wait_fraction": min(wait, 1.0), "time": time.time()}
+    )
+    return record
+
+
+def _report(
+    trainer: Trainer,
+    record: dict[str, Any],
+    levels: list[str],
+    collapse: CollapseMonitor,
+    progress: Progress,
+) -> None:
+    losses = {"total": record["loss"], **{level: record[f"loss_{level}"] for level in levels}}
+    spread = {level: record[f"std_{level}"] for level in levels}
+    trainer.metrics.record_interval(
+        losses=losses, output_std=spread, lr=record["lr"], tau=record["tau"],
+        images_per_second=record["images_per_second"], epoch=record["epoch"],
+    )  # fmt: skip
+    for level in collapse.update(spread, trainer.step):
+        trainer.metrics.record_collapse_warning(level)
+    if trainer.env.is_main:
+        trainer.train_log.append(record)
+        if not progress.has_bar:
+            logger.info(
+                "step %d/%d epoch %d loss %.4f %s lr %.3g tau %.5f %.0f img/s data-wait %.0f%%",
+                record["step"], trainer.total_steps, record["epoch"], record["loss"],
+                " ".join(f"{lv} {record[f'loss_{lv}']:.3f}" for lv in levels),
+                record["lr"], record["tau"], record["images_per_second"],
+                100 * record["data_wait_fraction"],
+            )  # fmt: skip
+
+
+def save_checkpoint(trainer: Trainer) -> None:
+    """Rank 0 writes the run's state at the current step."""
+    if not trainer.env.is_main:
+        return
+    state = {
+        "model": trainer.model.state_dict(),
+        "optimizer": trainer.optimizer.state_dict(),
+        "rng": checkpoint.rng_state(),
+        "config": dataclasses.asdict(trainer.config),
+    }
+    uri = checkpoint.save(trainer.config.out, trainer.step, state, trainer.config.keep_checkpoints)
+    logger.info("checkpoint %s", uri)
+
+
+def _check_resumable(saved: dict[str, Any], config: PretrainConfig) -> None:
+    current = dataclasses.asdict(config)
+    changed = sorted(
+        k for k in current if k not in RESUMABLE_CHANGES and saved.get(k) != current[k]
+    )
+    if changed:
+        details = ", ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in changed)
+        raise ValueError(
+            f"{config.out}: cannot resume with changed settings ({details}); use a new --out"
+        )
+
+
+def export_backbone(trainer: Trainer) -> str:
+    """Writes ``backbone.pt`` (torchvision state_dict) and ``backbone.json`` (its arch)."""
+    config = trainer.config
+    uri = storage.join(config.out, "backbone.pt")
+    if trainer.env.is_main:
+        with storage.atomic_write(uri) as stream:
+            torch.save(trainer.model.backbone_state_dict(), stream)
+        description = {
+            "arch": config.arch,
+            "small_input": config.small_input,
+            "method": config.method,
+            "levels": config.levels,
+            "step": trainer.step,
+        }
+        storage.write_text(
+            storage.join(config.out, "backbone.json"), json.dumps(description, indent=2) + "\n"
+        )
+        logger.info("backbone exported to %s", uri)
+    return uri
+
+
+def pretrain(config: PretrainConfig) -> str:
+    """Runs (or resumes) a pretraining run; returns the URI of the exported backbone.
+
+    Raises:
+        ValueError: A bad setting, detected before any work starts.
+        NonFiniteLossError: A loss became NaN/inf; the message names the level and step.
+    """
+    env = distributed.setup()
+    try:
+        config.validate(env.world_size)
+        return _run(config, env)
+    finally:
+        distributed.cleanup()
+
+
+def _run(config: PretrainConfig, env: distributed.DistributedEnv) -> str:
+    torch.manual_seed(config.seed)
+    manifest = load_split(config.shards, "train")
+    per_rank = config.batch_size // (env.world_size * config.accumulation)
+    dataset = ShardDataset(
+        manifest, per_rank, TwoViewCrop(config.image_size), env.rank, env.world_size,
+        seed=config.seed, buffer_size=config.buffer_size, decode_size=config.image_size,
+    )  # fmt: skip
+    steps_per_epoch = dataset.batches_per_epoch // config.accumulation
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"{config.shards}: fewer samples than one global batch of {config.batch_size}"
+        )
+    schedule_steps = config.epochs * steps_per_epoch
+    total_steps = min(schedule_steps, config.max_steps or schedule_steps)
+    warmup = min(round(config.warmup_epochs * steps_per_epoch), schedule_steps)
+
+    model = build_model(config, env.device)
+    step_model: nn.Module = model
+    if env.world_size > 1:
+        step_model = DistributedDataParallel(
+            model, device_ids=[env.device] if env.device.type == "cuda" else None
+        )
+    if config.compile:
+        step_model = torch.compile(step_model)
+    optimizer = build_optimizer(model, config)
+
+    resumed = checkpoint.load_latest(config.out, map_location=env.device)
+    if resumed is not None:
+        _check_resumable(resumed.state["config"], config)
+        model.load_state_dict(resumed.state["model"])
+        optimizer.load_state_dict(resumed.state["optimizer"])
+        checkpoint.set_rng_state(resumed.state["rng"])
+    metrics = TrainingMetrics(method=config.method, arch=config.arch)
+    if env.is_local_main and config.metrics_port:
+        metrics.serve(config.metrics_port)
+    trainer = Trainer(
+        config=config, env=env, model=model, step_model=step_model, optimizer=optimizer,
+        lr=warmup_cosine(scaled_lr(config.base_lr, config.batch_size), schedule_steps, warmup),
+        tau=ema_tau(config.tau_base, schedule_steps),
+        augment=build_augment(config, env.device),
+        steps_per_epoch=steps_per_epoch, total_steps=total_steps, metrics=metrics,
+        train_log=TrainLog(config.out, resumed.step if resumed else None, env.is_main),
+        step=resumed.step if resumed else 0,
+    )  # fmt: skip
+    logger.info(
+        "pretraining %s %s (levels %s, weights %s) on %d x %s: %d steps of %d images, %d per epoch",
+        config.method, config.arch, config.levels, config.stage_weights(), env.world_size,
+        env.device.type, total_steps, config.batch_size, steps_per_epoch,
+    )  # fmt: skip
+    finite = FiniteCheck()
+    collapse = CollapseMonitor(config.collapse_threshold, config.collapse_patience)
+    loader_workers = config.workers
+    with Progress(
+        total_steps, "pretrain", unit="step", logger=logger, enabled=env.is_main
+    ) as progress:
+        progress.update(trainer.step)
+        while trainer.step < total_steps:
+            epoch = trainer.step // steps_per_epoch
+            dataset.set_epoch(epoch, (trainer.step % steps_per_epoch) * config.accumulation)
+            loader = make_loader(dataset, loader_workers, pin_memory=env.device.type == "cuda")
+            try:
+                train_one_epoch(trainer, loader, epoch, progress, finite, collapse)
+                finite.check()
+            except NonFiniteLossError as error:
+                for level in error.levels:
+                    metrics.record_nonfinite(level)
+                raise
+    return export_backbone(trainer)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    """Options of ``ladder-siam pretrain`` (every field of :class:`PretrainConfig`)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    add_arguments(parser)
+    return parser
+
+
+def main(args: argparse.Namespace) -> None:
+    """Runs ``pretrain`` from parsed arguments."""
+    pretrain(config_from_args(args))
+
+
+if __name__ == "__main__":
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    main(argparse.ArgumentParser(parents=[get_args_parser()]).parse_args())

@@ -1,0 +1,107 @@
+"""The Ladder Siamese model: stages, heads, target EMA and torchvision-compatible export."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+
+from ladder_siam.backbones import ARCHS, ResNetStages, torchvision_resnet
+from ladder_siam.models import LadderSiam, parse_levels
+
+CHANNELS = {
+    "resnet18": [64, 128, 256, 512],
+    "resnet34": [64, 128, 256, 512],
+    "resnet50": [256, 512, 1024, 2048],
+    "resnet101": [256, 512, 1024, 2048],
+}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_heads_match_each_stage(arch: str) -> None:
+    model = LadderSiam(arch, "DDGG", hidden_dim=32, projection_dim=16, dense_dim=8)
+    for stage, channels in zip(("res2", "res3", "res4", "res5"), CHANNELS[arch], strict=True):
+        assert model.projectors[stage][0].in_features == channels
+        assert model.predictors[stage][0].in_features == 16
+    assert set(model.dense_projectors) == {"res2", "res3"}
+    assert model.dense_projectors["res2"][0].in_channels == CHANNELS[arch][0]
+    # The export loads strictly into torchvision's own model.
+    torchvision.models.get_model(arch).load_state_dict(model.backbone_state_dict())
+
+
+@pytest.mark.parametrize("small_input", [False, True])
+def test_exported_backbone_computes_what_the_online_backbone_computes(small_input: bool) -> None:
+    model = LadderSiam(
+        "resnet18", "GGGG", hidden_dim=32, projection_dim=16, small_input=small_input
+    )
+    reference = torchvision_resnet("resnet18", small_input)
+    reference.load_state_dict(model.backbone_state_dict())
+    reference.fc = torch.nn.Identity()
+    model.eval(), reference.eval()
+    images = torch.randn(2, 3, 32, 32)
+    pooled = model.backbone(images)["res5"].mean(dim=(2, 3))
+    assert torch.allclose(reference(images), pooled, atol=1e-5)
+
+
+def test_stage_resolutions_for_small_and_standard_stems() -> None:
+    standard = ResNetStages("resnet18")(torch.randn(1, 3, 64, 64))
+    small = ResNetStages("resnet18", small_input=True)(torch.randn(1, 3, 32, 32))
+    assert [tuple(standard[s].shape[2:]) for s in standard] == [(16, 16), (8, 8), (4, 4), (2, 2)]
+    assert [tuple(small[s].shape[2:]) for s in small] == [(32, 32), (16, 16), (8, 8), (4, 4)]
+
+
+def test_methods_and_level_strings() -> None:
+    assert parse_levels("byol") == "---G"
+    assert parse_levels("ladder-dense-byol") == "DDGG"
+    assert parse_levels("DG-G") == "DG-G"
+    for bad in ("GGG", "GGGX", "GGG-", "simclr"):
+        with pytest.raises(ValueError, match="expected one of"):
+            parse_levels(bad)
+
+
+def _tiny(levels: str) -> LadderSiam:
+    torch.manual_seed(0)
+    return LadderSiam(
+        "resnet18", levels, small_input=True, hidden_dim=32, projection_dim=16, dense_dim=8
+    )
+
+
+@pytest.mark.parametrize("levels", ["---G", "GGGG", "---D", "DDGG"])
+def test_forward_reports_every_supervised_level_and_weights_them(levels: str) -> None:
+    model = _tiny(levels)
+    output = model(torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32))
+    supervised = [
+        s for s, kind in zip(("res2", "res3", "res4", "res5"), levels, strict=True) if kind != "-"
+    ]
+    assert list(output.per_level) == supervised == list(output.output_std)
+    weights = dict(zip(("res2", "res3", "res4", "res5"), model.weights, strict=True))
+    expected = sum(weights[s] * output.per_level[s] for s in supervised)
+    assert output.loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    output.loss.backward()
+    assert all(p.grad is None for p in model.target.parameters()), "the target gets no gradient"
+    assert model.backbone.conv1.weight.grad is not None
+
+
+def test_unsupervised_stages_have_no_heads() -> None:
+    model = _tiny("---G")
+    assert set(model.projectors) == {"res5"} and not model.dense_projectors
+
+
+def test_target_follows_the_online_network_by_ema() -> None:
+    model = _tiny("GGGG")
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                parameter.add_(torch.randn_like(parameter))
+    online = [p.clone() for m in model.online_modules() for p in m.parameters()]
+    before = [p.clone() for p in model.target.parameters()]
+    model.update_target(0.9)
+    for target, old, new in zip(model.target.parameters(), before, online, strict=True):
+        assert torch.allclose(target, 0.9 * old + 0.1 * new, atol=1e-6)
+    model.update_target(0.0)
+    assert all(torch.equal(t, o) for t, o in zip(model.target.parameters(), online, strict=True))
+
+
+def test_bad_weights_are_rejected() -> None:
+    with pytest.raises(ValueError, match="weights"):
+        LadderSiam("resnet18", "GGGG", weights=[1.0, 1.0], hidden_dim=8, projection_dim=8)

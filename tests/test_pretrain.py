@@ -1,0 +1,203 @@
+"""Pretraining end to end on CPU: learning, exact resume, failing loudly, distributed runs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from prometheus_servers import prometheus_server, wait_for_query
+from system_tools import free_port, require_tool
+
+from ladder_siam import pretrain as pretrain_module
+from ladder_siam.backbones import torchvision_resnet
+from ladder_siam.checkpoint import list_checkpoints
+from ladder_siam.cli import main as cli
+from ladder_siam.demo_data import make_demo_data
+from ladder_siam.health import NonFiniteLossError
+from ladder_siam.models import LadderSiam
+from ladder_siam.prepare_shards import prepare_shards
+from ladder_siam.pretrain_config import PretrainConfig
+from ladder_siam.train_log import read_train_log
+
+TINY = Path(__file__).parents[1] / "configs" / "tiny_cpu.yaml"
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory: pytest.TempPathFactory) -> str:
+    root = tmp_path_factory.mktemp("pretrain")
+    make_demo_data(str(root / "raw"), images=200, size=40)
+    prepare_shards(str(root / "raw" / "imagefolder"), str(root / "shards"), shard_size=50)
+    return str(root / "shards")
+
+
+def tiny(shards: str, out: Path, **overrides: object) -> PretrainConfig:
+    settings = {
+        "shards": shards, "out": str(out), "method": "ladder-byol", "arch": "resnet18",
+        "small_input": True, "image_size": 32, "epochs": 3, "batch_size": 32,
+        "warmup_epochs": 0.5, "hidden_dim": 128, "projection_dim": 32, "dense_dim": 16,
+        "precision": "fp32", "channels_last": False, "workers": 1, "buffer_size": 50,
+        "log_every": 2, "checkpoint_every": 4, "metrics_port": None,
+    }  # fmt: skip
+    settings.update(overrides)
+    return PretrainConfig(**settings)
+
+
+def test_tiny_run_learns_and_exports_a_torchvision_backbone(shards: str, tmp_path: Path) -> None:
+    uri = pretrain_module.pretrain(tiny(shards, tmp_path, method="ladder-dense-byol", epochs=4))
+    log = read_train_log(str(tmp_path))
+    assert [r["step"] for r in log] == list(range(2, 21, 2))
+    assert log[-1]["loss"] < 0.8 * log[0]["loss"], "the loss falls"
+    assert {"loss_res2", "loss_res5", "std_res2", "lr", "tau", "images_per_second"} <= set(log[0])
+    assert log[0]["tau"] < log[-1]["tau"] == pytest.approx(1.0)
+
+    state = torch.load(uri, weights_only=True)
+    torchvision_resnet("resnet18", small_input=True).load_state_dict(state)
+    assert [step for step, _ in list_checkpoints(str(tmp_path))] == [12, 16, 20]
+
+
+def test_killed_and_resumed_run_ends_bitwise_equal(
+    shards: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pretrain_module.pretrain(tiny(shards, tmp_path / "straight", epochs=2))
+
+    real_step = pretrain_module.training_step
+
+    def dies_at_step_7(trainer, micro_batches):
+        if trainer.step == 7:
+            raise KeyboardInterrupt("the pod was evicted")
+        return real_step(trainer, micro_batches)
+
+    monkeypatch.setattr(pretrain_module, "training_step", dies_at_step_7)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain_module.pretrain(tiny(shards, tmp_path / "resumed", epochs=2))
+    assert [step for step, _ in list_checkpoints(str(tmp_path / "resumed"))] == [4]
+    monkeypatch.setattr(pretrain_module, "training_step", real_step)
+    pretrain_module.pretrain(tiny(shards, tmp_path / "resumed", epochs=2))
+
+    straight = torch.load(tmp_path / "straight/checkpoints/step-000010.pt", weights_only=True)
+    resumed = torch.load(tmp_path / "resumed/checkpoints/step-000010.pt", weights_only=True)
+    for name, tensor in straight["model"].items():
+        assert torch.equal(tensor, resumed["model"][name]), name
+    losses = [
+        [r["loss"] for r in read_train_log(str(tmp_path / run))] for run in ("straight", "resumed")
+    ]
+    assert losses[0] == losses[1]
+
+
+def test_resume_refuses_changed_settings(shards: str, tmp_path: Path) -> None:
+    pretrain_module.pretrain(tiny(shards, tmp_path, max_steps=4))
+    with pytest.raises(ValueError, match=r"cannot resume with changed settings.*arch"):
+        pretrain_module.pretrain(tiny(shards, tmp_path, arch="resnet34"))
+
+
+def test_non_finite_loss_stops_within_one_step(
+    shards: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_loss = LadderSiam._global_loss
+    calls = {"res3": 0}
+
+    def poisoned(self, stage, online, target):
+        loss = real_loss(self, stage, online, target)
+        if stage == "res3":
+            calls["res3"] += 1
+            if calls["res3"] == 6:  # the sixth step
+                return loss * float("nan")
+        return loss
+
+    monkeypatch.setattr(LadderSiam, "_global_loss", poisoned)
+    with pytest.raises(NonFiniteLossError, match="level res3 in step 6") as error:
+        pretrain_module.pretrain(tiny(shards, tmp_path, checkpoint_every=100))
+    assert error.value.levels == ["res3"]
+    assert list_checkpoints(str(tmp_path)) == [], "nothing saved after the NaN"
+
+
+def test_bad_settings_fail_before_any_work(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    out = tmp_path / "out"
+    args = ["pretrain", "--config", str(TINY), "--shards", str(tmp_path), "--out", str(out)]
+    assert cli([*args, "--method", "ladder-simclr"]) == 2
+    assert "method 'ladder-simclr'" in caplog.text
+    assert cli([*args, "--batch-size", "30", "--accumulation", "4"]) == 2
+    assert "--batch-size 30" in caplog.text
+    assert cli([*args, "--weights", "1,2"]) == 2
+    assert not out.exists()
+
+
+def _torchrun(*args: str) -> list[str]:
+    torchrun = require_tool(str(Path(sys.executable).parent / "torchrun"))
+    return [torchrun, *args, "-m", "ladder_siam.pretrain"]
+
+
+def _train_args(shards: str, out: Path) -> list[str]:
+    return [
+        "--config", str(TINY), "--shards", shards, "--out", str(out), "--max-steps", "4",
+        "--hidden-dim", "64", "--projection-dim", "32", "--log-every", "2",
+    ]  # fmt: skip
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_two_process_gloo_run(shards: str, tmp_path: Path) -> None:
+    command = _torchrun("--nproc-per-node=2", f"--master-port={free_port()}")
+    result = subprocess.run(
+        [*command, *_train_args(shards, tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "on 2 x cpu" in result.stderr
+    assert (tmp_path / "backbone.pt").exists()
+    assert [r["step"] for r in read_train_log(str(tmp_path))] == [2, 4]
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_two_node_run_on_loopback(shards: str, tmp_path: Path) -> None:
+    port = free_port()
+    nodes = []
+    for rank in range(2):
+        rendezvous = ["--nnodes=2", f"--node-rank={rank}", "--nproc-per-node=1"]
+        rendezvous += ["--master-addr=127.0.0.1", f"--master-port={port}"]
+        command = [*_torchrun(*rendezvous), *_train_args(shards, tmp_path)]
+        nodes.append(
+            subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        )
+    outputs = [node.communicate(timeout=300) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], (
+        outputs[0][1][-3000:] + outputs[1][1][-3000:]
+    )
+    assert "on 2 x cpu" in outputs[0][1]
+    assert (tmp_path / "backbone.pt").exists()
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_real_prometheus_scrapes_a_training_run(shards: str, tmp_path: Path) -> None:
+    port = free_port()
+    command = [sys.executable, "-m", "ladder_siam.pretrain", *_train_args(shards, tmp_path / "run")]
+    command += ["--max-steps", "200", "--metrics-port", str(port)]
+    with prometheus_server([f"127.0.0.1:{port}"], tmp_path) as url:
+        run = subprocess.Popen(
+            command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        )
+        try:
+            wait_for_query(url, "ladder_siam_train_steps_total > 4", timeout=90)
+            for promql in (
+                'ladder_siam_train_loss{level="res2"} > 0',
+                'ladder_siam_output_std{level="res5"} > 0',
+                "ladder_siam_learning_rate > 0",
+                "ladder_siam_ema_tau >= 0.99",
+                "ladder_siam_train_samples_total >= 32 * ladder_siam_train_steps_total - 32 * 4",
+                "ladder_siam_train_step_duration_seconds_count > 0",
+                'ladder_siam_build_info{method="ladder-byol", arch="resnet18"} == 1',
+            ):
+                assert wait_for_query(url, promql, timeout=30), promql
+        finally:
+            run.terminate()
+            run.wait(timeout=30)
