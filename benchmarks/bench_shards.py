@@ -18,6 +18,8 @@ import argparse
 import logging
 import os
 import platform
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -27,26 +29,38 @@ import torch
 import torchvision
 from torchvision import transforms
 
+from ladder_siam import storage
 from ladder_siam.data import CenterCropResize, ShardDataset, make_loader
 from ladder_siam.demo_data import make_demo_data
 from ladder_siam.fashion_mnist import import_fashion_mnist
-from ladder_siam.manifest import load_split
-from ladder_siam.prepare_shards import prepare_shards
+from ladder_siam.manifest import DatasetManifest, load_split
 
 
-def timed(function: Callable[[], int]) -> tuple[int, float]:
-    start = time.perf_counter()
-    count = function()
-    return count, time.perf_counter() - start
+def timed(function: Callable[[], int], one_core: bool = False) -> tuple[int, float]:
+    """Runs ``function``; with ``one_core`` pinned to a single core (threads included)."""
+    cores = os.sched_getaffinity(0)
+    if one_core:
+        os.sched_setaffinity(0, {min(cores)})
+    try:
+        start = time.perf_counter()
+        count = function()
+        return count, time.perf_counter() - start
+    finally:
+        os.sched_setaffinity(0, cores)
 
 
 def bench_prepare(source: str, dest: str, workers: int) -> float:
-    def run() -> int:
-        manifest = prepare_shards(source, dest, shard_size=250, workers=workers)
-        return sum(split.num_samples for split in manifest.splits.values())
-
-    count, seconds = timed(run)
-    return count / seconds
+    """prepare-shards run as users run it (a fresh process: spawned workers then import only
+    what the CLI imports, not this script's torch); one worker is pinned to one core."""
+    command = [sys.executable, "-m", "ladder_siam.cli", "prepare-shards", "--source", source]
+    command += ["--dest", dest, "--shard-size", "250", "--workers", str(workers)]
+    core = min(os.sched_getaffinity(0))
+    pin = (lambda: os.sched_setaffinity(0, {core})) if workers == 1 else None
+    start = time.perf_counter()
+    subprocess.run(command, check=True, capture_output=True, preexec_fn=pin)
+    seconds = time.perf_counter() - start
+    manifest = DatasetManifest.from_json(storage.read_text(f"{dest}/manifest.json"), dest)
+    return sum(split.num_samples for split in manifest.splits.values()) / seconds
 
 
 def bench_our_loader(shards: str, crop: int, batches: int) -> float:
@@ -58,7 +72,7 @@ def bench_our_loader(shards: str, crop: int, batches: int) -> float:
     def run() -> int:
         return sum(images.shape[0] for images, _ in (next(loader) for _ in range(batches)))
 
-    count, seconds = timed(run)
+    count, seconds = timed(run, one_core=True)
     return count / seconds
 
 
@@ -72,7 +86,7 @@ def bench_imagefolder_loader(folder: str, crop: int, batches: int) -> float:
     def run() -> int:
         return sum(images.shape[0] for images, _ in (next(loader) for _ in range(batches)))
 
-    count, seconds = timed(run)
+    count, seconds = timed(run, one_core=True)
     return count / seconds
 
 
@@ -93,9 +107,9 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         demo, fashion = Path(tmp) / "demo", Path(tmp) / "fashion"
-        start = time.perf_counter()
+        _, seconds = timed(lambda: make_demo_data(str(Path(tmp) / "demo96"), 2000, 96), True)
+        demo_rate = 2000 / seconds
         make_demo_data(str(demo), images=args.images, size=args.size)
-        demo_rate = args.images / (time.perf_counter() - start)
         import_fashion_mnist(str(fashion), limit=args.fashion_limit)
         sources = {
             f"demo scenes {args.size} px": str(demo / "imagefolder"),
@@ -112,9 +126,10 @@ def main() -> None:
         f"\nMachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
         f"torch {torch.__version__}, Python {platform.python_version()}"
     )
-    print(f"demo-data generation: {demo_rate:.0f} images/s on one core ({args.size} px)\n")
+    print(f"demo-data generation: {demo_rate:.0f} images/s on one core (96 px)\n")
     print(
-        f"| data | prepare-shards 1 worker (img/s) | {args.workers} workers (img/s per worker) "
+        f"| data | prepare-shards 1 worker, 1 core (img/s) "
+        f"| {args.workers} workers (img/s per worker) "
         f"| loader, ours (img/s/core) | ImageFolder+PIL (img/s/core) | loader ratio |"
     )
     print("|---|---|---|---|---|---|")

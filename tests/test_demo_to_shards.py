@@ -43,6 +43,12 @@ def test_demo_data_becomes_shards_in_all_three_layouts(where: str, tmp_path: Pat
         assert (train.num_samples, val.num_samples) == (24, 6), layout
         assert train.skipped == [] and val.skipped == []
 
+    imagefolder = load_split(storage.join(datasets, "imagefolder"))
+    for shard in imagefolder.shard_uris():
+        with storage.open_read(shard) as stream:
+            labels = {int(sample["cls"]) for sample in iter_samples(stream)}
+        assert len(labels) >= 3, "inputs are shuffled across shards: classes mix in each"
+
     voc_classes = load_split(storage.join(datasets, "voc")).classes
     coco_samples = {
         json.loads(s["json"])["file_name"]: s

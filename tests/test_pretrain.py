@@ -124,6 +124,8 @@ def test_bad_settings_fail_before_any_work(
     assert cli([*args, "--batch-size", "30", "--accumulation", "4"]) == 2
     assert "--batch-size 30" in caplog.text
     assert cli([*args, "--weights", "1,2"]) == 2
+    assert cli([*args, "--levels", "GGXG"]) == 2
+    assert "method 'GGXG'" in caplog.text
     assert not out.exists()
 
 

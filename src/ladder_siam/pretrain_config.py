@@ -189,6 +189,10 @@ HELP = {
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Adds ``--config`` and one flag per field; unset flags stay out of the namespace."""
     parser.add_argument("--config", help="YAML preset (see configs/); flags override it")
+    parser.add_argument(
+        "--levels", dest="method", default=argparse.SUPPRESS,
+        help="loss kinds res2..res5 as a string like DDGG (an alternative to --method)",
+    )  # fmt: skip
     for field in fields(PretrainConfig):
         flag = "--" + field.name.replace("_", "-")
         kind: Any = {"bool": _bool, "int": int, "float": float}.get(str(field.type), str)
