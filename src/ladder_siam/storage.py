@@ -61,6 +61,13 @@ def _local_path(uri: str) -> Path:
     return Path(uri)
 
 
+def _existing_file(uri: str) -> Path:
+    path = _local_path(uri)
+    if not path.is_file():
+        raise FileNotFoundError(f"{uri}: no such file")
+    return path
+
+
 def split_s3(uri: str) -> tuple[str, str]:
     """(bucket, key) of an ``s3://`` URI."""
     parsed = urlparse(uri)
@@ -217,10 +224,7 @@ def size(uri: str) -> int:
         FileNotFoundError: Nothing exists at ``uri``.
     """
     if not is_s3(uri):
-        path = _local_path(uri)
-        if not path.is_file():
-            raise FileNotFoundError(f"{uri}: no such file")
-        return path.stat().st_size
+        return _existing_file(uri).stat().st_size
     from botocore.exceptions import ClientError
 
     bucket, key = split_s3(uri)
@@ -242,10 +246,7 @@ def open_read(uri: str) -> BinaryIO:
         FileNotFoundError: Nothing exists at ``uri``.
     """
     if not is_s3(uri):
-        path = _local_path(uri)
-        if not path.is_file():
-            raise FileNotFoundError(f"{uri}: no such file")
-        return path.open("rb")
+        return _existing_file(uri).open("rb")
     from ladder_siam.s3_reader import S3RangeReader
 
     return io.BufferedReader(S3RangeReader(uri), buffer_size=1024 * 1024)
