@@ -138,6 +138,7 @@ class ShardDataset(IterableDataset):
         shuffle: Shuffle shards and samples (training); off reads in manifest order.
         buffer_size: Samples in the shuffle buffer.
         decode_size: Reduced-resolution JPEG decoding target (see :func:`decode_sample`).
+        collate: Builds a batch from transformed samples (e.g. a list of detection targets).
 
     Raises:
         ValueError: The split holds fewer samples than one global batch.
@@ -154,6 +155,7 @@ class ShardDataset(IterableDataset):
         shuffle: bool = True,
         buffer_size: int = 1000,
         decode_size: int | None = None,
+        collate: Callable[[list[Any]], Any] = default_collate,
     ) -> None:
         super().__init__()
         distributed = dist.is_available() and dist.is_initialized()
@@ -175,6 +177,7 @@ class ShardDataset(IterableDataset):
         self.shuffle = shuffle
         self.buffer_size = buffer_size
         self.decode_size = decode_size
+        self.collate = collate
         self.epoch = 0
         self.start_batch = 0
 
@@ -214,7 +217,7 @@ class ShardDataset(IterableDataset):
                 self.transform(decode_sample(next(samples), self.decode_size))
                 for _ in range(self.batch_size)
             ]
-            yield default_collate(batch)
+            yield self.collate(batch)
 
     def _slot_samples(self, slot: int, slots: int) -> Iterator[Sample]:
         """The endless stream of raw samples of one slot, shuffle round after round.

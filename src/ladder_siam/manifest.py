@@ -73,6 +73,14 @@ class SplitManifest:
     max_side: int | None = None
     location: str = ""
 
+    def require_layout(self, *layouts: str) -> None:
+        """Raises ``ManifestError`` unless the shards came from one of ``layouts``."""
+        if self.layout not in layouts:
+            raise ManifestError(
+                f"{_manifest_uri(self.location)}: shards of the {self.layout} layout, but this "
+                f"step needs {' or '.join(layouts)} shards"
+            )
+
     def shard_uris(self) -> list[str]:
         """Absolute URIs of the shards."""
         return [storage.resolve(self.location, shard.uri) for shard in self.shards]
