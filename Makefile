@@ -18,14 +18,24 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@
 
+# The whole flow on built-in demo data, on CPU: data -> shards -> pretraining of BYOL and
+# Ladder-BYOL -> the three evaluations of each -> one report comparing them.
+SETS    := $(DEMO)/datasets
+METHODS := byol ladder-byol
 demo: setup
 	$(BIN)/ladder-siam demo-data --dest $(DEMO)/raw --images 600 --size 96
-	$(BIN)/ladder-siam prepare-shards --source $(DEMO)/raw/imagefolder --dest $(DEMO)/datasets/demo --layout imagefolder --shard-size 100 --workers 2
-	$(BIN)/ladder-siam prepare-shards --source $(DEMO)/raw/coco --dest $(DEMO)/datasets/demo-coco --layout coco --shard-size 100 --workers 2
-	$(BIN)/ladder-siam prepare-shards --source $(DEMO)/raw/voc --dest $(DEMO)/datasets/demo-voc --layout voc --shard-size 100 --workers 2
-	$(BIN)/ladder-siam pretrain --config configs/tiny_cpu.yaml --shards $(DEMO)/datasets/demo --out $(DEMO)/runs/ladder-byol
-	@echo "Demo datasets are in $(DEMO)/datasets (manifest.json in each)."
-	@echo "Demo pretraining run: $(DEMO)/runs/ladder-byol (backbone.pt, train_log.jsonl, checkpoints/)."
+	$(BIN)/ladder-siam prepare-shards --source $(DEMO)/raw/imagefolder --dest $(SETS)/demo --layout imagefolder --shard-size 100 --workers 2
+	$(BIN)/ladder-siam prepare-shards --source $(DEMO)/raw/coco --dest $(SETS)/demo-coco --layout coco --shard-size 100 --workers 2
+	$(BIN)/ladder-siam prepare-shards --source $(DEMO)/raw/voc --dest $(SETS)/demo-voc --layout voc --shard-size 100 --workers 2
+	set -e; for method in $(METHODS); do \
+	  run=$(DEMO)/runs/$$method; \
+	  $(BIN)/ladder-siam pretrain --config configs/tiny_cpu.yaml --method $$method --shards $(SETS)/demo --out $$run; \
+	  $(BIN)/ladder-siam linear-probe --preset tiny --backbone $$run/backbone.pt --train $(SETS)/demo/train --val $(SETS)/demo/val --out $$run/eval/linear_probe; \
+	  $(BIN)/ladder-siam finetune-detection --preset tiny --backbone $$run/backbone.pt --train $(SETS)/demo-coco/train --val $(SETS)/demo-coco/val --out $$run/eval/detection; \
+	  $(BIN)/ladder-siam finetune-segmentation --preset tiny --backbone $$run/backbone.pt --train $(SETS)/demo-voc/train --val $(SETS)/demo-voc/val --out $$run/eval/segmentation; \
+	done
+	$(BIN)/ladder-siam report --runs $(foreach m,$(METHODS),$(DEMO)/runs/$(m)) --out $(DEMO)/report --analysis-images $(SETS)/demo/val
+	@echo "Report: $(DEMO)/report/index.html (Markdown: $(DEMO)/report/report.md)"
 
 test: setup
 	$(BIN)/pytest

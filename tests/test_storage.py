@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from ladder_siam import storage
@@ -121,3 +123,10 @@ def test_s3_errors_name_the_uri(s3_bucket: str) -> None:
 def test_local_listing_of_missing_folder_fails_clearly(tmp_path) -> None:
     with pytest.raises(storage.StorageError, match="no such directory"):
         list(storage.list_files(str(tmp_path / "absent")))
+
+
+def test_local_files_get_ordinary_permissions(tmp_path) -> None:
+    umask = os.umask(0)
+    os.umask(umask)
+    storage.write_text(str(tmp_path / "report.html"), "<html></html>")
+    assert (tmp_path / "report.html").stat().st_mode & 0o777 == 0o666 & ~umask

@@ -27,6 +27,16 @@ COMMANDS = {
         "turn a source dataset into webdataset shards with manifests",
     ),
     "pretrain": ("ladder_siam.pretrain", "Ladder Siamese pretraining (single process or torchrun)"),
+    "linear-probe": ("ladder_siam.linear_probe", "per-stage linear probe and kNN of a backbone"),
+    "finetune-detection": (
+        "ladder_siam.detection",
+        "Mask R-CNN (FPN) finetune and COCO evaluation of a backbone",
+    ),
+    "finetune-segmentation": (
+        "ladder_siam.segmentation",
+        "FCN-D8 finetune and mIoU evaluation of a backbone",
+    ),
+    "report": ("ladder_siam.report", "the HTML/Markdown report comparing runs"),
 }
 
 

@@ -107,6 +107,9 @@ def set_s3_endpoint(url: str | None) -> None:
         _clients.clear()
 
 
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
 _clients: dict[tuple[int, int, str | None], BaseClient] = {}
 
 
@@ -298,6 +301,8 @@ def atomic_write(uri: str) -> Iterator[BinaryIO]:
         # leave a short file behind, which a rerun detects (shard sizes are checked on resume).
         with os.fdopen(fd, "wb") as stream:
             yield stream
+        # mkstemp creates 0600; give the file the permissions a plain open() would have.
+        os.chmod(tmp_name, 0o666 & ~_UMASK)
         os.replace(tmp_name, path)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)

@@ -1,0 +1,276 @@
+"""The run report: sections, "not run" cells, deltas, correlations, analyses, a real browser."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import re
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from system_tools import require_tool
+
+from ladder_siam.analysis import augment_views, gradient_maps, sample_views, view_distances
+from ladder_siam.cli import main as cli
+from ladder_siam.demo_data import make_demo_data
+from ladder_siam.models import LadderSiam
+from ladder_siam.prepare_shards import prepare_shards
+from ladder_siam.report import ReportConfig, build_report, make_report, write_kfp_outputs
+from ladder_siam.report_inputs import load_runs
+from ladder_siam.task_correlation import correlate
+
+HEADINGS = (
+    "1. Summary (Tables 1 and 2)",
+    "2. Per-stage linear probe (Table 7)",
+    "3. Training curves",
+    "4. View distances (Fig. 3)",
+    "5. Gradient maps (Fig. 4)",
+    "6. Task correlations (Fig. 5)",
+)
+STAGES = ("res2", "res3", "res4", "res5")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    # Tiny convolutions: a second OpenMP thread only spins against the other processes on a
+    # shared 2-core machine (20x slower forward passes measured under load).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_model() -> LadderSiam:
+    torch.manual_seed(0)
+    return LadderSiam("resnet18", "GGGG", small_input=True, hidden_dim=16, projection_dim=8)
+
+
+@pytest.fixture(scope="module")
+def backbone_state() -> dict[str, torch.Tensor]:
+    return tiny_model().backbone_state_dict()
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory: pytest.TempPathFactory) -> str:
+    root = tmp_path_factory.mktemp("report_images")
+    make_demo_data(str(root / "raw"), images=12, size=32, val_fraction=0.5)
+    prepare_shards(str(root / "raw" / "imagefolder"), str(root / "shards"), shard_size=6)
+    return str(root / "shards")
+
+
+def write_run(
+    root: Path,
+    method: str,
+    probe: dict[str, float] | None = None,
+    box_ap: float | None = None,
+    miou: float | None = None,
+    backbone: dict[str, torch.Tensor] | None = None,
+    mask_ap: float | None = None,
+) -> str:
+    """A run folder as pretraining and the evaluations write it; None leaves a file out."""
+    root.mkdir(parents=True)
+    log = [
+        {"step": step, "epoch": 0, "lr": 0.1 * step, "tau": 0.99 + step / 1000,
+         "loss": 4.0 / step, **{f"loss_{s}": 1.0 / step for s in STAGES},
+         **{f"std_{s}": 0.05 for s in STAGES}, "images_per_second": 100.0 + step,
+         "data_wait_fraction": 0.1, "time": 1e9 + step}
+        for step in (1, 2, 3, 4)
+    ]  # fmt: skip
+    (root / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
+    if backbone is not None:
+        torch.save(backbone, root / "backbone.pt")
+        description = {"arch": "resnet18", "small_input": True, "method": method,
+                       "levels": "GGGG", "step": 4}  # fmt: skip
+        (root / "backbone.json").write_text(json.dumps(description))
+    evaluations = {}
+    if probe is not None:
+        evaluations["linear_probe"] = {
+            "protocol": "test",
+            "stages": {s: {"top1": v, "top5": v + 10, "knn_top1": v - 5} for s, v in probe.items()},
+            "scalars": {},
+            "classes": 6,
+        }
+    if box_ap is not None:
+        evaluations["detection"] = {
+            "bbox": {"AP": box_ap, "AP50": box_ap + 20, "AP75": box_ap - 5},
+            "segm": {"AP": mask_ap if mask_ap is not None else box_ap - 3},
+            "scalars": {},
+        }
+    if miou is not None:
+        evaluations["segmentation"] = {
+            "mIoU": miou, "per_class_iou": {}, "pixel_accuracy": 90.0, "scalars": {}
+        }  # fmt: skip
+    for name, metrics in evaluations.items():
+        (root / "eval" / name).mkdir(parents=True)
+        (root / "eval" / name / "metrics.json").write_text(json.dumps(metrics))
+    return str(root)
+
+
+PROBE_A = {"res2": 20.0, "res3": 30.0, "res4": 40.0, "res5": 60.0}
+PROBE_B = {"res2": 25.0, "res3": 33.0, "res4": 45.0, "res5": 62.5}
+
+
+@pytest.mark.slow
+def test_report_of_two_runs_has_every_section_and_marks_what_did_not_run(
+    tmp_path: Path, backbone_state: dict[str, torch.Tensor], shards: str
+) -> None:
+    first = write_run(tmp_path / "a", "byol", PROBE_A, 30.0, 50.0, backbone_state)
+    second = write_run(tmp_path / "b", "ladder-byol", PROBE_B, backbone=backbone_state)
+    out = tmp_path / "report"
+    argv = ["report", "--runs", first, second, "--out", str(out), "--analysis-images", shards]
+    argv += ["--analysis-count", "6", "--analysis-image-size", "32", "--gradient-images", "2"]
+    assert cli(argv) == 0
+
+    page = (out / "index.html").read_text()
+    for heading in HEADINGS:
+        assert f">{heading}</h2>" in page
+    # Run b has no detection and segmentation: its box, mask and mIoU cells.
+    assert page.count('<td class="not-run">not run</td>') == 3
+    assert "needs at least 3 runs, 2 given" in page
+    embedded = re.findall(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
+    # probe bars, 13 curves (loss, 4 levels, lr, tau, img/s, wait, 4 std), violins, 2 grids
+    assert len(embedded) == 1 + 13 + 1 + 2
+    assert Image.open(io.BytesIO(base64.b64decode(embedded[-1]))).format == "PNG"
+    assert not re.search(r'(src|href)="(https?:)?//', page), "the page makes no requests"
+    assert "heads here are random" in page
+
+    markdown = (out / "report.md").read_text()
+    linked = re.findall(r"!\[[^]]*\]\(([^)]+)\)", markdown)
+    assert len(linked) == len(embedded) and "gradient_maps_1.png" in linked
+    assert all((out / name).is_file() for name in linked)
+    assert "*not run*" in markdown
+
+    summary = json.loads((out / "summary.json").read_text())
+    a, b = summary["runs"]
+    assert (a["name"], b["name"]) == ("byol", "ladder-byol")
+    assert b["metrics"] == {"probe_top1": 62.5, "box_ap": None, "mask_ap": None, "miou": None}
+    assert b["deltas"]["probe_top1"] == pytest.approx(2.5)
+    assert b["deltas"]["box_ap"] is None and a["deltas"]["miou"] == 0
+    assert summary["scalars"]["ladder-byol_delta_probe_top1"] == pytest.approx(2.5)
+    assert summary["scalars"]["byol_box_ap"] == 30.0
+    assert "ladder-byol_box_ap" not in summary["scalars"]
+    assert summary["correlations"] == []
+    distances = summary["analysis"]["view_distance"]["byol"]
+    assert set(distances) == set(STAGES)
+    assert all(0 <= d["median"] <= 2 for d in distances.values())
+    # Both runs have the same weights and see the same views: the same distances.
+    assert summary["analysis"]["view_distance"]["ladder-byol"] == distances
+
+
+@pytest.mark.slow
+def test_three_runs_give_the_task_correlations_with_bonferroni_p(tmp_path: Path) -> None:
+    # Probe res5 only, no segmentation: probe top-1, box and mask mAP make 3 pairs.
+    runs = [
+        write_run(tmp_path / f"r{i}", "ladder-byol", {"res5": 60.0 + i}, 30.0 + i, None,
+                  mask_ap=mask)
+        for i, mask in enumerate((20.0, 22.0, 21.0))
+    ]  # fmt: skip
+    report = build_report(ReportConfig(runs=runs, out=str(tmp_path / "out")))
+    pairs = {(c["a"], c["b"]): c for c in report.summary["correlations"]}
+    assert set(pairs) == {
+        ("probe top-1 (res5)", "box mAP"),
+        ("probe top-1 (res5)", "mask mAP"),
+        ("box mAP", "mask mAP"),
+    }
+    perfect = pairs[("probe top-1 (res5)", "box mAP")]
+    assert perfect["r"] == pytest.approx(1.0)
+    assert perfect["p_bonferroni"] == pytest.approx(0, abs=1e-6)
+    # r = 0.5 over 3 runs: t = 1/sqrt(3) with 1 dof (Cauchy), p = 1 - (2/pi) atan(t) = 2/3;
+    # times 3 pairs = 2, capped at 1.
+    half = pairs[("probe top-1 (res5)", "mask mAP")]
+    assert half["r"] == pytest.approx(0.5) and half["p"] == pytest.approx(2 / 3)
+    assert half["p_bonferroni"] == 1.0
+    assert [r["name"] for r in report.summary["runs"]] == ["r0", "r1", "r2"], "folder names"
+    page = report.html()
+    assert "Pairs tested" in page and "task_correlation.png" in report.markdown()
+    assert "not run: no --analysis-images given" in page
+
+
+def test_bonferroni_counts_only_the_pairs_that_can_be_tested() -> None:
+    constant, partial = [5.0, 5.0, 5.0], [1.0, None, 2.0]
+    (only,) = correlate({"a": [0.0, 1.0, 2.0], "b": [0.0, 2.0, 1.0], "c": constant, "d": partial})
+    assert (only.a, only.b, only.n) == ("a", "b", 3)
+    assert only.p == pytest.approx(2 / 3) and only.p_bonferroni == pytest.approx(2 / 3)
+    two = correlate({"a": [0.0, 1.0, 2.0, 3.0], "b": [0.0, 1.0, 3.0, 2.0], "c": [3.0, 2, 1, 0]})
+    assert len(two) == 3
+    assert all(c.p_bonferroni == pytest.approx(min(1.0, 3 * c.p)) for c in two)
+    with pytest.raises(ValueError, match="different numbers of runs"):
+        correlate({"a": [1.0, 2.0, 3.0], "b": [1.0, 2.0]})
+
+
+def test_view_distances_and_gradient_maps_of_a_tiny_model(shards: str) -> None:
+    crops_a, crops_b = sample_views(shards, count=4, size=32, seed=1)
+    assert crops_a.shape == crops_b.shape == (4, 3, 32, 32) and crops_a.dtype == torch.uint8
+    assert torch.equal(sample_views(shards, count=4, size=32, seed=1)[0], crops_a)
+    view_a, view_b = augment_views(crops_a, crops_b)
+    model = tiny_model().eval()
+
+    distances = view_distances(model.backbone, view_a, view_b, batch_size=3)
+    assert set(distances) == set(STAGES)
+    for d in distances.values():
+        assert d.shape == (4,) and torch.isfinite(d).all() and (d >= -1e-6).all()
+        assert (d <= 2).all() and d.max() > 1e-4
+    same = view_distances(model.backbone, view_a, view_a)
+    assert all(d.abs().max() < 1e-5 for d in same.values())
+
+    maps = gradient_maps(model, view_a, view_b)
+    assert set(maps) == set(STAGES)
+    for level, m in maps.items():
+        assert m.shape == (4, 32, 32), level
+        assert torch.isfinite(m).all() and (m >= 0).all() and (m.flatten(1).amax(1) > 0).all()
+    # res2's own loss pools z_res2 globally, so its gradient is the same at every position;
+    # res5's reaches z_res2 through three stages of convolutions and is not.
+    res2, res5 = maps["res2"].flatten(1), maps["res5"].flatten(1)
+    assert (res2.std(1) / res2.mean(1)).max() < 1e-4
+    assert (res5.std(1) / res5.mean(1)).min() > 1e-2
+
+
+@pytest.mark.slow
+def test_kfp_outputs_and_bad_inputs(tmp_path: Path) -> None:
+    run = write_run(tmp_path / "a", "byol", PROBE_A, 30.0, 50.0)
+    report = build_report(ReportConfig(runs=[run], out=str(tmp_path / "out")))
+    paths = [tmp_path / "kfp" / name for name in ("metrics.json", "report.md", "report.html")]
+    write_kfp_outputs(report, *(str(p) for p in paths))
+    metrics = json.loads(paths[0].read_text())
+    assert metrics["a_probe_top1"] == 60.0 and metrics["a_probe_res2_knn_top1"] == 15.0
+    assert all(isinstance(v, float) for v in metrics.values())
+    assert "](data:image/png;base64," in paths[1].read_text()
+    assert paths[2].read_text().startswith("<!DOCTYPE html>")
+
+    (tmp_path / "empty").mkdir()
+    assert cli(["report", "--runs", str(tmp_path / "empty"), "--out", str(tmp_path / "x")]) == 2
+    assert [r.name for r in load_runs([run, run])] == ["a", "a-2"]
+    with pytest.raises(ValueError, match="2 names for 1 runs"):
+        build_report(ReportConfig(runs=[run], out=str(tmp_path / "x"), names=["p", "q"]))
+    (Path(run) / "eval" / "detection" / "metrics.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"detection/metrics\.json: not valid JSON"):
+        build_report(ReportConfig(runs=[run], out=str(tmp_path / "x")))
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_chromium_renders_the_report(tmp_path: Path) -> None:
+    chromium = require_tool("chromium")
+    runs = [
+        write_run(tmp_path / "a", "byol", PROBE_A, 30.0, 50.0),
+        write_run(tmp_path / "b", "ladder-byol", PROBE_B),
+    ]
+    make_report(ReportConfig(runs=runs, out=str(tmp_path / "report")))
+    screenshot = tmp_path / "page.png"
+    subprocess.run(
+        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+         "--no-first-run", "--disable-background-networking", "--disable-component-update",
+         "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}",
+         f"--screenshot={screenshot}", "--window-size=1200,3000",
+         (tmp_path / "report" / "index.html").as_uri()],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    pixels = np.asarray(Image.open(screenshot).convert("L"), dtype=np.float64)
+    assert pixels.shape == (3000, 1200)
+    assert pixels.var() > 100, "the page shows tables and charts, not a blank"
