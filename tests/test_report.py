@@ -16,7 +16,15 @@ import torch
 from PIL import Image
 from system_tools import require_tool
 
-from ladder_siam.analysis import augment_views, gradient_maps, sample_views, view_distances
+from ladder_siam import checkpoint
+from ladder_siam.analysis import (
+    augment_views,
+    gradient_maps,
+    ladder_for_analysis,
+    sample_views,
+    view_distances,
+)
+from ladder_siam.backbones import ResNetStages
 from ladder_siam.cli import main as cli
 from ladder_siam.demo_data import make_demo_data
 from ladder_siam.models import LadderSiam
@@ -138,7 +146,7 @@ def test_report_of_two_runs_has_every_section_and_marks_what_did_not_run(
     assert len(embedded) == 1 + 13 + 1 + 2
     assert Image.open(io.BytesIO(base64.b64decode(embedded[-1]))).format == "PNG"
     assert not re.search(r'(src|href)="(https?:)?//', page), "the page makes no requests"
-    assert "heads here are random" in page
+    assert "Trained heads: byol: none; ladder-byol: none." in page
 
     markdown = (out / "report.md").read_text()
     linked = re.findall(r"!\[[^]]*\]\(([^)]+)\)", markdown)
@@ -274,3 +282,16 @@ def test_chromium_renders_the_report(tmp_path: Path) -> None:
     pixels = np.asarray(Image.open(screenshot).convert("L"), dtype=np.float64)
     assert pixels.shape == (3000, 1200)
     assert pixels.var() > 100, "the page shows tables and charts, not a blank"
+
+
+def test_gradient_maps_use_the_trained_heads_of_the_newest_checkpoint(tmp_path: Path) -> None:
+    trained = LadderSiam("resnet18", "-G-G", small_input=True, hidden_dim=16, projection_dim=8)
+    state = {"model": trained.state_dict(), "config": {"hidden_dim": 16, "projection_dim": 8}}
+    checkpoint.save(str(tmp_path), 7, state, keep=1)
+    stages = ResNetStages("resnet18", small_input=True)
+    model, levels = ladder_for_analysis(stages, str(tmp_path))
+    assert levels == ["res3", "res5"]
+    for level in levels:
+        assert torch.equal(model.predictors[level][0].weight, trained.predictors[level][0].weight)
+    _, none = ladder_for_analysis(stages, str(tmp_path / "no-checkpoints"))
+    assert none == []

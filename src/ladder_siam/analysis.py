@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ladder_siam import checkpoint
 from ladder_siam.augment import TwoViewCrop, TwoViewPhotometric
 from ladder_siam.backbone_io import load_backbone
 from ladder_siam.backbones import STAGES, ResNetStages
@@ -25,8 +26,8 @@ from ladder_siam.eval_data import SplitReader
 from ladder_siam.manifest import load_split
 from ladder_siam.models import LadderSiam
 
-# Width of the random heads built for the gradient maps: any width gives the same kind of
-# map, since the heads are untrained (they are not exported); BYOL's 4096 only costs time.
+# Width of the heads built for the gradient maps when a run has no checkpoint with trained
+# heads: any width gives the same kind of map from random heads; BYOL's 4096 only costs time.
 HEAD_HIDDEN_DIM = 1024
 HEAD_PROJECTION_DIM = 256
 
@@ -80,23 +81,40 @@ def load_stages(backbone_uri: str) -> ResNetStages:
     return stages.eval()
 
 
-def ladder_for_analysis(stages: ResNetStages) -> LadderSiam:
+def ladder_for_analysis(
+    stages: ResNetStages, run_uri: str | None = None
+) -> tuple[LadderSiam, list[str]]:
     """A Ladder-BYOL model (``GGGG``) around a trained backbone, for gradient maps.
 
-    The backbone's weights go into both the online and the target backbone. The heads are
-    random: training does not export them.
+    The backbone's weights go into both the online and the target backbone. The heads of
+    every level the run trained come from its newest checkpoint (``backbone.pt`` does not
+    carry them); the others are random.
+
+    Returns:
+        The model in eval mode, and the levels whose heads are the trained ones.
     """
+    latest = checkpoint.load_latest(run_uri) if run_uri else None
+    saved = latest.state["config"] if latest else {}
     model = LadderSiam(
         stages.arch,
         "GGGG",
         small_input=stages.small_input,
-        hidden_dim=HEAD_HIDDEN_DIM,
-        projection_dim=HEAD_PROJECTION_DIM,
+        hidden_dim=saved.get("hidden_dim", HEAD_HIDDEN_DIM),
+        projection_dim=saved.get("projection_dim", HEAD_PROJECTION_DIM),
     )
     model.backbone.load_state_dict(stages.state_dict())
+    trained: list[str] = []
+    if latest is not None:
+        heads = {
+            key: value
+            for key, value in latest.state["model"].items()
+            if key.startswith(("projectors.", "predictors."))
+        }
+        model.load_state_dict(heads, strict=False)
+        trained = sorted({key.split(".")[1] for key in heads})
     # tau = 0 makes the EMA target an exact copy of the online network.
     model.update_target(0.0)
-    return model.eval()
+    return model.eval(), trained
 
 
 @torch.no_grad()

@@ -34,11 +34,12 @@ GRADIENT_TITLE = "5. Gradient maps (Fig. 4)"
 DEFAULT_SIZE = 224
 SMALL_INPUT_SIZE = 64
 HEADS_CAVEAT = (
-    "Caveat: the projector and predictor heads are not exported by pretraining, so the "
-    "heads here are random (the backbone is the run's). The maps therefore show which res2 "
-    "positions each level's loss is sensitive to through the trained backbone, not the exact "
-    "gradients of training. Each map is scaled to its own maximum. The res2 loss pools z_res2 "
-    "globally, so its map is spatially uniform (the paper omits it for that reason)."
+    "The projector and predictor heads are not part of backbone.pt: the heads of the levels a "
+    "run trained come from its newest checkpoint, the others (and all of them for a run "
+    "without checkpoints) are random, and their maps only show which res2 positions that "
+    "level's loss is sensitive to through the trained backbone. Each map is scaled to its own "
+    "maximum. The res2 loss pools z_res2 globally, so its map is spatially uniform (the paper "
+    "omits it for that reason)."
 )
 
 
@@ -82,6 +83,7 @@ def analysis_sections(
     if settings.images is None:
         return _not_run("no --analysis-images given.")
     backbones = {r.name: load_stages(r.backbone_uri) for r in runs if r.backbone_uri}
+    run_uris = {r.name: r.uri for r in runs}
     if not backbones:
         return _not_run("no run has a backbone.pt.")
     small = all(stages.small_input for stages in backbones.values())
@@ -89,11 +91,12 @@ def analysis_sections(
     crops_a, crops_b = sample_views(settings.images, settings.count, size, settings.seed)
     view_a, view_b = augment_views(crops_a, crops_b, settings.seed)
     logger.info("analysing %d runs on %d images of %d px", len(backbones), len(view_a), size)
-    distances, maps = {}, {}
+    distances, maps, trained = {}, {}, {}
     shown = slice(0, settings.gradient_images)
     for name, stages in backbones.items():
         distances[name] = {s: d.numpy() for s, d in view_distances(stages, view_a, view_b).items()}
-        run_maps = gradient_maps(ladder_for_analysis(stages), view_a[shown], view_b[shown])
+        model, trained[name] = ladder_for_analysis(stages, run_uris[name])
+        run_maps = gradient_maps(model, view_a[shown], view_b[shown])
         maps[name] = {level: m.detach().numpy() for level, m in run_maps.items()}
     missing = [r.name for r in runs if not r.backbone_uri]
     note: list[Block] = []
@@ -102,7 +105,7 @@ def analysis_sections(
     images = crops_a[shown].permute(0, 2, 3, 1).numpy()
     sections = [
         _view_section(distances, len(view_a), size, note),
-        _gradient_section(backbones, images, maps, note),
+        _gradient_section(backbones, images, maps, trained, note),
     ]
     summary = {
         "view_distance": {
@@ -146,6 +149,7 @@ def _gradient_section(
     backbones: dict[str, ResNetStages],
     images: np.ndarray,
     maps: dict[str, dict[str, np.ndarray]],
+    trained: dict[str, list[str]],
     note: list[Block],
 ) -> Section:
     blocks: list[Block] = [
@@ -155,6 +159,14 @@ def _gradient_section(
             "objects and earlier levels' spread over foreground and background."
         ),
         Paragraph(HEADS_CAVEAT, note=True),
+        Paragraph(
+            "Trained heads: "
+            + "; ".join(
+                f"{name}: {', '.join(levels) or 'none'}" for name, levels in trained.items()
+            )
+            + ".",
+            note=True,
+        ),
         *note,
     ]
     for index, (name, run_maps) in enumerate(maps.items()):
