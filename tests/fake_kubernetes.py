@@ -1,0 +1,161 @@
+"""A fake Kubernetes API server on loopback: just the endpoints ``ladder_siam.launch`` calls.
+
+Real HTTP and the real ``kubernetes`` client; the server plays a scripted PyTorchJob: it turns
+``Succeeded`` or ``Failed`` after a number of status polls (or never), and its master pod's log
+grows by one line per poll.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, urlparse
+
+from kubernetes import client
+
+JOBS = re.compile(r"/apis/kubeflow\.org/v1/namespaces/([^/]+)/pytorchjobs(?:/([^/]+))?")
+PODS = re.compile(r"/api/v1/namespaces/([^/]+)/pods")
+POD_LOG = re.compile(r"/api/v1/namespaces/([^/]+)/pods/([^/]+)/log")
+
+
+@dataclass
+class Script:
+    """How the job behaves: ``outcome`` ("Succeeded", "Failed" or None: runs forever)."""
+
+    outcome: str | None = "Succeeded"
+    after_polls: int = 3
+    reason: str = ""
+    message: str = ""
+    log_lines: list[str] = field(default_factory=list)
+
+
+@dataclass
+class FakeCluster:
+    """The server's state, which tests inspect."""
+
+    script: Script
+    jobs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    deleted: list[str] = field(default_factory=list)
+    requests: list[str] = field(default_factory=list)
+    polls: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def status(self) -> dict[str, Any]:
+        conditions = [{"type": "Created", "status": "True"}, {"type": "Running", "status": "True"}]
+        if self.script.outcome and self.polls > self.script.after_polls:
+            conditions[-1]["status"] = "False"
+            conditions.append(
+                {"type": self.script.outcome, "status": "True", "reason": self.script.reason,
+                 "message": self.script.message}
+            )  # fmt: skip
+        return {"conditions": conditions}
+
+    def log(self, query: dict[str, list[str]]) -> str:
+        lines = self.script.log_lines[: self.polls]
+        # RFC 3339 with trimmed nanoseconds, like the kubelet: ".5Z" comes before ".501000001Z".
+        stamps = [f"{500_000_000 + i * 1_000_001:09d}".rstrip("0") for i in range(len(lines))]
+        stamped = [
+            f"2025-01-01T00:00:00.{s}Z {line}" for s, line in zip(stamps, lines, strict=True)
+        ]
+        if query.get("timestamps", [""])[0].lower() != "true":
+            stamped = lines
+        if "tailLines" in query:
+            stamped = stamped[-int(query["tailLines"][0]) :]
+        return "".join(line + "\n" for line in stamped)
+
+
+def _handler(cluster: FakeCluster) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, format: str, *args: object) -> None:
+            """Quiet: tests read ``cluster.requests`` instead."""
+
+        def _reply(self, code: int, body: object, content_type: str = "application/json") -> None:
+            data = body.encode() if isinstance(body, str) else json.dumps(body).encode()
+            self.send_response(code)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def _not_found(self, what: str) -> None:
+            self._reply(404, {"kind": "Status", "status": "Failure", "reason": "NotFound",
+                              "message": f"{what} not found", "code": 404})  # fmt: skip
+
+        def _route(self, method: str) -> None:
+            url = urlparse(self.path)
+            query = parse_qs(url.query)
+            with cluster.lock:
+                cluster.requests.append(f"{method} {url.path}?{url.query}".rstrip("?"))
+                if match := JOBS.fullmatch(url.path):
+                    self._jobs(method, match.group(1), match.group(2))
+                elif (match := POD_LOG.fullmatch(url.path)) and method == "GET":
+                    self._reply(200, cluster.log(query), "text/plain")
+                elif (match := PODS.fullmatch(url.path)) and method == "GET":
+                    self._pods(query.get("labelSelector", [""])[0])
+                else:
+                    self._not_found(url.path)
+
+        def _jobs(self, method: str, namespace: str, name: str | None) -> None:
+            if method == "POST" and name is None:
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                assert body["kind"] == "PyTorchJob" and body["metadata"]["namespace"] == namespace
+                cluster.jobs[body["metadata"]["name"]] = body
+                self._reply(201, body)
+            elif name not in cluster.jobs:
+                self._not_found(f"pytorchjobs {name}")
+            elif method == "GET":
+                cluster.polls += 1
+                self._reply(200, {**cluster.jobs[name], "status": cluster.status()})
+            elif method == "DELETE":
+                del cluster.jobs[name]
+                cluster.deleted.append(name)
+                self._reply(200, {"kind": "Status", "status": "Success"})
+
+        def _pods(self, selector: str) -> None:
+            labels = dict(term.split("=", 1) for term in selector.split(","))
+            name = labels.get("training.kubeflow.org/job-name")
+            items = []
+            if (
+                name in cluster.jobs
+                and labels.get("training.kubeflow.org/replica-type") == "master"
+            ):
+                items = [{"metadata": {"name": f"{name}-master-0", "labels": labels}}]
+            self._reply(
+                200, {"kind": "PodList", "apiVersion": "v1", "metadata": {}, "items": items}
+            )
+
+        def do_GET(self) -> None:
+            self._route("GET")
+
+        def do_POST(self) -> None:
+            self._route("POST")
+
+        def do_DELETE(self) -> None:
+            self._route("DELETE")
+
+    return Handler
+
+
+@contextmanager
+def fake_kubernetes(script: Script) -> Iterator[tuple[FakeCluster, client.ApiClient]]:
+    """Serves ``script`` on 127.0.0.1; yields the state and a client pointed at it."""
+    cluster = FakeCluster(script)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(cluster))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    api_client = client.ApiClient(
+        client.Configuration(host=f"http://127.0.0.1:{server.server_port}")
+    )
+    try:
+        yield cluster, api_client
+    finally:
+        api_client.close()
+        server.shutdown()
+        server.server_close()
+        thread.join()

@@ -1,0 +1,240 @@
+"""Launching pretraining: the PyTorchJob against the real CRD schema, the Kubernetes API calls
+against a fake API server (real HTTP, real client), and the local torchrun backend."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import re
+import signal
+import threading
+from pathlib import Path
+from types import FrameType
+
+import jsonschema
+import pytest
+import torch
+import yaml
+from fake_kubernetes import Script, fake_kubernetes
+
+from ladder_siam.backbones import torchvision_resnet
+from ladder_siam.demo_data import make_demo_data
+from ladder_siam.launch import JobCancelledError, JobFailedError, Launcher, run, run_local
+from ladder_siam.prepare_shards import prepare_shards
+from ladder_siam.pytorchjob import LaunchConfig, build_pytorchjob
+
+# In CI a copy of shared/ sits beside the clone.
+CRD = Path(__file__).parents[2] / "shared" / "schemas" / "kubeflow.org_pytorchjobs.yaml"
+TINY = Path(__file__).parents[1] / "configs" / "tiny_cpu.yaml"
+DNS_1123_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+LABEL_KEY = re.compile(r"([a-z0-9.-]{1,253}/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?")
+LABEL_VALUE = re.compile(r"([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?")
+SECRET_VALUE = "wJalrXUtnFEMI-not-a-real-key"
+
+
+def launch_config(**overrides: object) -> LaunchConfig:
+    settings: dict[str, object] = {
+        "name": "ladder-byol-r50-200ep", "namespace": "ml-research",
+        "image": "registry.example.com:5000/ladder-siam:0.1.0", "run_id": "r50-200ep-a1",
+        "method": "ladder-byol", "nodes": 4, "gpus_per_node": 8,
+        "pretrain_args": ("--config", "configs/ladder-byol_r50_in1k_200ep.yaml",
+                          "--shards", "s3://datasets/in1k", "--out", "s3://runs/r50-200ep-a1"),
+        "node_selector": {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
+        "tolerations": ({"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},),
+        "s3_secret": "s3-credentials", "active_deadline_seconds": 3 * 86400,
+    }  # fmt: skip
+    settings.update(overrides)
+    return LaunchConfig(**settings)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def crd_validator() -> jsonschema.Draft7Validator:
+    crd = yaml.safe_load(CRD.read_text())
+    (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
+    schema = version["schema"]["openAPIV3Schema"]
+    jsonschema.Draft7Validator.check_schema(schema)
+    return jsonschema.Draft7Validator(schema)
+
+
+def test_four_node_job_matches_the_crd_schema(
+    crd_validator: jsonschema.Draft7Validator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET_VALUE)
+    job = build_pytorchjob(launch_config())
+    errors = [f"{list(e.absolute_path)}: {e.message}" for e in crd_validator.iter_errors(job)]
+    assert errors == []
+    assert (job["apiVersion"], job["kind"]) == ("kubeflow.org/v1", "PyTorchJob")
+
+    # The schema leaves metadata open ("type: object"): check the name and labels ourselves.
+    metadata = job["metadata"]
+    assert DNS_1123_LABEL.fullmatch(metadata["name"]) and metadata["namespace"] == "ml-research"
+    assert metadata["labels"]["ladder-siam/run-id"] == "r50-200ep-a1"
+    assert metadata["labels"]["app.kubernetes.io/component"] == "pretrain"
+    for key, value in metadata["labels"].items():
+        assert LABEL_KEY.fullmatch(key) and LABEL_VALUE.fullmatch(value), (key, value)
+
+    spec = job["spec"]
+    replicas = spec["pytorchReplicaSpecs"]
+    assert (replicas["Master"]["replicas"], replicas["Worker"]["replicas"]) == (1, 3)
+    assert spec["nprocPerNode"] == "8"
+    assert spec["runPolicy"] == {
+        "cleanPodPolicy": "None", "backoffLimit": 3, "activeDeadlineSeconds": 259200,
+        "ttlSecondsAfterFinished": 604800,
+    }  # fmt: skip
+    for replica in replicas.values():
+        pod = replica["template"]
+        assert pod["metadata"]["labels"] == metadata["labels"]
+        assert pod["spec"]["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+        assert pod["spec"]["tolerations"][0]["key"] == "nvidia.com/gpu"
+        assert pod["spec"]["volumes"] == [
+            {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "32Gi"}}
+        ]
+        (container,) = pod["spec"]["containers"]
+        assert container["name"] == "pytorch"
+        assert not container["image"].endswith(":latest")
+        assert container["resources"]["limits"]["nvidia.com/gpu"] == "8"
+        assert container["command"] == [
+            "torchrun", "--nnodes", "4", "--nproc-per-node", "8", "-m", "ladder_siam.pretrain",
+            "--method", "ladder-byol", "--metrics-port", "9400",
+            "--config", "configs/ladder-byol_r50_in1k_200ep.yaml", "--shards", "s3://datasets/in1k",
+            "--out", "s3://runs/r50-200ep-a1",
+        ]  # fmt: skip
+        assert container["ports"] == [{"name": "metrics", "containerPort": 9400, "protocol": "TCP"}]
+        assert container["volumeMounts"] == [{"name": "dshm", "mountPath": "/dev/shm"}]
+        security = container["securityContext"]
+        assert security["runAsNonRoot"] is True and security["allowPrivilegeEscalation"] is False
+        assert security["capabilities"] == {"drop": ["ALL"]}
+        # Credentials come only by reference to the Secret, never as values.
+        assert container["envFrom"] == [{"secretRef": {"name": "s3-credentials"}}]
+        assert "env" not in container
+    assert SECRET_VALUE not in json.dumps(job)
+
+
+def test_the_schema_check_catches_a_broken_job(crd_validator: jsonschema.Draft7Validator) -> None:
+    job = copy.deepcopy(build_pytorchjob(launch_config()))
+    job["spec"]["pytorchReplicaSpecs"]["Worker"]["replicas"] = "three"
+    job["spec"]["runPolicy"]["backoffLimit"] = "3"
+    assert len(list(crd_validator.iter_errors(job))) == 2
+
+
+def test_single_node_job_has_no_workers_and_digest_images_are_pinned(
+    crd_validator: jsonschema.Draft7Validator,
+) -> None:
+    image = "ghcr.io/acme/ladder-siam@sha256:" + "ab" * 32
+    job = build_pytorchjob(launch_config(nodes=1, gpus_per_node=2, image=image, s3_secret=None))
+    assert list(crd_validator.iter_errors(job)) == []
+    assert list(job["spec"]["pytorchReplicaSpecs"]) == ["Master"]
+    container = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]
+    assert container["command"][:5] == ["torchrun", "--nnodes", "1", "--nproc-per-node", "2"]
+    assert container["image"] == image and "envFrom" not in container
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"nodes": 0}, "nodes 0"),
+        ({"name": "Ladder_Run"}, "name 'Ladder_Run'"),
+        ({"namespace": "ml research"}, "namespace 'ml research'"),
+        ({"image": "registry.example.com/ladder-siam:latest"}, "pin a tag"),
+        ({"image": "registry.example.com:5000/ladder-siam"}, "pin a tag"),
+        ({"image": "ladder-siam@sha256:abc"}, "sha256:<64 hex digits>"),
+        ({"run_id": "run 1!"}, "run_id 'run 1!'"),
+        ({"node_selector": {"pool": "gpu nodes"}}, "node_selector pool="),
+        ({"memory_limit": "lots"}, "memory_limit 'lots'"),
+        ({"pretrain_args": ("--metrics-port=9000",)}, "'--metrics-port=9000'"),
+        ({"pretrain_args": ("--method", "byol")}, "'--method'"),
+    ],
+)
+def test_invalid_settings_are_named(overrides: dict[str, object], message: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        build_pytorchjob(launch_config(**overrides))
+
+
+def master_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if " master] " in r.getMessage()]
+
+
+def test_wait_returns_on_success_and_streams_each_log_line_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    lines = [f"step {i} loss {1 / (i + 1):.3f}" for i in range(6)]
+    with fake_kubernetes(Script("Succeeded", after_polls=4, log_lines=lines)) as (cluster, api):
+        launcher = Launcher("ml-research", api)
+        caplog.set_level(logging.INFO, logger="ladder_siam.launch")
+        name = launcher.submit(build_pytorchjob(launch_config()))
+        launcher.wait(name, timeout_s=10, poll_s=0.01)
+    assert name == "ladder-byol-r50-200ep" and name in cluster.jobs
+    assert cluster.polls == 5
+    assert master_lines(caplog) == [f"[{name} master] {line}" for line in lines[:5]]
+    selector = "labelSelector=training.kubeflow.org%2Fjob-name%3Dladder-byol-r50-200ep%2C"
+    assert any(selector in request for request in cluster.requests)
+    assert cluster.deleted == []
+
+
+def test_a_failed_job_raises_with_the_reason_and_the_master_log() -> None:
+    lines = ["step 10 loss 0.912", "step 20 loss 0.874", "RuntimeError: CUDA out of memory"]
+    script = Script(
+        "Failed", after_polls=2, reason="PyTorchJobFailed",
+        message="PyTorchJob ladder-byol-r50-200ep is failed because 1 Master replica(s) failed.",
+        log_lines=lines,
+    )  # fmt: skip
+    with fake_kubernetes(script) as (_, api):
+        launcher = Launcher("ml-research", api)
+        name = launcher.submit(build_pytorchjob(launch_config()))
+        with pytest.raises(JobFailedError) as failure:
+            launcher.wait(name, timeout_s=10, poll_s=0.01)
+    assert failure.value.reason == "PyTorchJobFailed"
+    assert failure.value.log_tail == lines
+    assert "PyTorchJobFailed" in str(failure.value) and "1 Master replica(s) failed" in str(
+        failure.value
+    )
+    assert str(failure.value).endswith("RuntimeError: CUDA out of memory")
+
+
+def test_a_hanging_job_times_out_and_is_deleted() -> None:
+    with fake_kubernetes(Script(outcome=None)) as (cluster, api):
+        launcher = Launcher("ml-research", api)
+        name = launcher.submit(build_pytorchjob(launch_config()))
+        with pytest.raises(TimeoutError, match=name):
+            launcher.wait(name, timeout_s=0.3, poll_s=0.05)
+    assert cluster.deleted == [name] and cluster.jobs == {}
+    assert any("propagationPolicy=Background" in request for request in cluster.requests)
+
+
+def test_sigterm_during_run_deletes_the_job_and_restores_the_handler() -> None:
+    received: list[int] = []
+
+    def stand_in(signum: int, frame: FrameType | None) -> None:
+        received.append(signum)  # never let a missed handler terminate pytest
+
+    original = signal.signal(signal.SIGTERM, stand_in)
+    timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGTERM))
+    try:
+        with fake_kubernetes(Script(outcome=None)) as (cluster, api):
+            timer.start()
+            with pytest.raises(JobCancelledError, match="ladder-byol-r50-200ep"):
+                run(launch_config(), Launcher("ml-research", api), timeout_s=20, poll_s=0.05)
+        assert signal.getsignal(signal.SIGTERM) is stand_in
+    finally:
+        timer.cancel()
+        signal.signal(signal.SIGTERM, original)
+    assert received == []
+    assert cluster.deleted == ["ladder-byol-r50-200ep"] and cluster.polls >= 2
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_run_local_trains_with_torchrun(tmp_path: Path) -> None:
+    make_demo_data(str(tmp_path / "raw"), images=60, size=32)
+    prepare_shards(str(tmp_path / "raw" / "imagefolder"), str(tmp_path / "shards"), shard_size=30)
+    out = tmp_path / "run"
+    args = (
+        "--config", str(TINY), "--shards", str(tmp_path / "shards"), "--out", str(out),
+        "--max-steps", "2", "--batch-size", "16", "--hidden-dim", "32", "--projection-dim", "16",
+        "--dense-dim", "8", "--workers", "0",
+    )  # fmt: skip
+    run_local(launch_config(nodes=1, gpus_per_node=1, metrics_port=None, pretrain_args=args))
+    state = torch.load(out / "backbone.pt", weights_only=True)
+    torchvision_resnet("resnet18", small_input=True).load_state_dict(state)
