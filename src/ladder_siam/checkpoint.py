@@ -9,6 +9,7 @@ written atomically, so the newest checkpoint is always complete, and loaded with
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 import re
@@ -70,6 +71,26 @@ def load_latest(out: str, map_location: str | torch.device = "cpu") -> Checkpoin
     )
     logger.info("resuming from %s (step %d)", uri, step)
     return Checkpoint(step=step, state=state)
+
+
+def check_resumable(saved: dict[str, Any], config: Any, may_change: frozenset[str]) -> None:
+    """Refuses to resume when a setting that shapes the run differs from the checkpoint's.
+
+    Args:
+        saved: The checkpoint's ``config`` (a dataclass as a dict).
+        config: The current run's dataclass config (with an ``out`` field).
+        may_change: Settings that a resumed run may change (paths, logging, workers...).
+
+    Raises:
+        ValueError: Listing each changed setting with its old and new value.
+    """
+    current = dataclasses.asdict(config)
+    changed = sorted(k for k in current if k not in may_change and saved.get(k) != current[k])
+    if changed:
+        details = ", ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in changed)
+        raise ValueError(
+            f"{config.out}: cannot resume with changed settings ({details}); use a new --out"
+        )
 
 
 def rng_state() -> dict[str, Any]:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from ladder_siam.backbones import ARCHS
+from ladder_siam.flags import parse_bool
 
 PRECISIONS = ("fp32", "bf16")
 # One anchor size per FPN level: P2..P5 and the max-pooled P6 (Lin et al., FPN, Sec. 4.1).
@@ -213,14 +214,6 @@ HELP = {
 }
 
 
-def _bool(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"{text!r}: expected true or false")
-
-
 def _int_tuple(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(part) for part in text.split(",") if part.strip())
@@ -229,7 +222,7 @@ def _int_tuple(text: str) -> tuple[int, ...]:
 
 
 _TYPES: dict[str, Any] = {
-    "bool": _bool,
+    "bool": parse_bool,
     "int": int,
     "int | None": int,
     "float": float,

@@ -244,18 +244,6 @@ def save_checkpoint(trainer: Trainer) -> None:
     logger.info("checkpoint %s", uri)
 
 
-def _check_resumable(saved: dict[str, Any], config: PretrainConfig) -> None:
-    current = dataclasses.asdict(config)
-    changed = sorted(
-        k for k in current if k not in RESUMABLE_CHANGES and saved.get(k) != current[k]
-    )
-    if changed:
-        details = ", ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in changed)
-        raise ValueError(
-            f"{config.out}: cannot resume with changed settings ({details}); use a new --out"
-        )
-
-
 def export_backbone(trainer: Trainer) -> str:
     """Writes ``backbone.pt`` (torchvision state_dict) and ``backbone.json`` (its arch)."""
     config = trainer.config
@@ -321,7 +309,7 @@ def _run(config: PretrainConfig, env: distributed.DistributedEnv) -> str:
 
     resumed = checkpoint.load_latest(config.out, map_location=env.device)
     if resumed is not None:
-        _check_resumable(resumed.state["config"], config)
+        checkpoint.check_resumable(resumed.state["config"], config, RESUMABLE_CHANGES)
         model.load_state_dict(resumed.state["model"])
         optimizer.load_state_dict(resumed.state["optimizer"])
         checkpoint.set_rng_state(resumed.state["rng"])

@@ -16,6 +16,7 @@ import yaml
 
 from ladder_siam import storage
 from ladder_siam.backbones import ARCHS
+from ladder_siam.flags import parse_bool
 from ladder_siam.losses import ladder_weights
 from ladder_siam.models import parse_levels
 
@@ -139,14 +140,6 @@ def parse_fraction(text: str) -> float:
     return float(numerator) / float(denominator) if denominator else float(numerator)
 
 
-def _bool(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"{text!r}: expected true or false")
-
-
 # flag help texts; every field of PretrainConfig is a flag
 HELP = {
     "shards": "training shards: a dataset URI (its train split) or a split URI",
@@ -195,7 +188,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     for field in fields(PretrainConfig):
         flag = "--" + field.name.replace("_", "-")
-        kind: Any = {"bool": _bool, "int": int, "float": float}.get(str(field.type), str)
+        kind: Any = {"bool": parse_bool, "int": int, "float": float}.get(str(field.type), str)
         if field.name == "weights":
             kind = _parse_weights
         elif field.name in ("max_steps", "metrics_port"):

@@ -12,6 +12,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from ladder_siam.backbones import ARCHS, STAGES
+from ladder_siam.flags import parse_bool
 
 PROTOCOLS = ("fast", "standard")
 
@@ -169,14 +170,6 @@ HELP = {
 }
 
 
-def _bool(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"{text!r}: expected true or false")
-
-
 def _stages(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
@@ -190,7 +183,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="paper: the published protocol (default); tiny: few epochs at 32 px for the "
         "demo and tests; explicit flags override either",
     )
-    kinds: dict[str, Any] = {"bool": _bool, "int": int, "float": float, "int | None": int}
+    kinds: dict[str, Any] = {"bool": parse_bool, "int": int, "float": float, "int | None": int}
     for field in fields(ProbeConfig):
         kind = _stages if field.name == "stages" else kinds.get(str(field.type), str)
         parser.add_argument(

@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -57,18 +56,6 @@ class StandardRun:
     lr: torch.Tensor
     total_steps: int
     step: int = 0
-
-
-def _check_resumable(saved: dict[str, Any], config: ProbeConfig) -> None:
-    current = dataclasses.asdict(config)
-    changed = sorted(
-        k for k in current if k not in RESUMABLE_CHANGES and saved.get(k) != current[k]
-    )
-    if changed:
-        details = ", ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in changed)
-        raise ValueError(
-            f"{config.out}: cannot resume with changed settings ({details}); use a new --out"
-        )
 
 
 def save_checkpoint(run: StandardRun) -> None:
@@ -150,7 +137,7 @@ def run_standard(
     )  # fmt: skip
     resumed = checkpoint.load_latest(config.out, map_location=env.device)
     if resumed is not None:
-        _check_resumable(resumed.state["config"], config)
+        checkpoint.check_resumable(resumed.state["config"], config, RESUMABLE_CHANGES)
         heads.load_state_dict(resumed.state["heads"])
         optimizer.load_state_dict(resumed.state["optimizer"])
         checkpoint.set_rng_state(resumed.state["rng"])

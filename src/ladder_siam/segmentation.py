@@ -192,18 +192,6 @@ def save_checkpoint(run: Finetune) -> None:
     logger.info("checkpoint %s", uri)
 
 
-def _check_resumable(saved: dict[str, Any], config: SegmentationConfig) -> None:
-    current = dataclasses.asdict(config)
-    changed = sorted(
-        k for k in current if k not in RESUMABLE_CHANGES and saved.get(k) != current[k]
-    )
-    if changed:
-        details = ", ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in changed)
-        raise ValueError(
-            f"{config.out}: cannot resume with changed settings ({details}); use a new --out"
-        )
-
-
 def _load_splits(config: SegmentationConfig) -> tuple[SplitManifest, SplitManifest]:
     train_split = load_split(config.train, "train")
     train_split.require_layout("voc")
@@ -276,7 +264,7 @@ def _run(config: SegmentationConfig, env: distributed.DistributedEnv) -> dict[st
     )  # fmt: skip
     resumed = checkpoint.load_latest(config.out, map_location=env.device)
     if resumed is not None:
-        _check_resumable(resumed.state["config"], config)
+        checkpoint.check_resumable(resumed.state["config"], config, RESUMABLE_CHANGES)
         # A rerun after the backbone was re-exported must not resume the old finetune.
         if resumed.state["backbone_sha256"] != fingerprint:
             raise ValueError(

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from ladder_siam.backbones import ARCHS
+from ladder_siam.flags import parse_bool
 
 PRECISIONS = ("fp32", "bf16")
 EVAL_MODES = ("whole", "slide")
@@ -179,14 +180,6 @@ HELP = {
 }
 
 
-def _bool(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"{text!r}: expected true or false")
-
-
 def _pair(kind: type) -> Any:
     def parse(text: str) -> list[Any]:
         try:
@@ -203,7 +196,7 @@ def _pair(kind: type) -> Any:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per field; unset flags stay out of the namespace, so presets apply."""
     kinds: dict[str, Any] = {
-        "bool": _bool, "int": int, "float": float,
+        "bool": parse_bool, "int": int, "float": float,
         "list[int]": _pair(int), "list[float]": _pair(float),
     }  # fmt: skip
     for item in fields(SegmentationConfig):
