@@ -18,24 +18,19 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@
 
-# The whole flow on built-in demo data, on CPU: data -> shards -> pretraining of BYOL and
-# Ladder-BYOL -> the three evaluations of each -> one report comparing them.
-SETS    := $(DEMO)/datasets
-METHODS := byol ladder-byol
+# The whole Kubeflow pipeline on built-in demo data, through kfp.local on this CPU: shards ->
+# pretraining -> the three evaluations -> report, once for BYOL and once for Ladder-BYOL, whose
+# report compares the two.
+RUN_LOCAL := $(BIN)/ladder-siam pipeline run-local --params configs/pipeline_demo.yaml \
+	--pipeline-root $(DEMO)/kfp --param output_uri=$(DEMO) \
+	--param source_uri=$(DEMO)/raw/imagefolder --param detection_source_uri=$(DEMO)/raw/coco \
+	--param segmentation_source_uri=$(DEMO)/raw/voc
 demo: setup
 	$(BIN)/ladder-siam demo-data --dest $(DEMO)/raw --images 600 --size 96
-	$(BIN)/ladder-siam prepare-shards --source $(DEMO)/raw/imagefolder --dest $(SETS)/demo --layout imagefolder --shard-size 100 --workers 2
-	$(BIN)/ladder-siam prepare-shards --source $(DEMO)/raw/coco --dest $(SETS)/demo-coco --layout coco --shard-size 100 --workers 2
-	$(BIN)/ladder-siam prepare-shards --source $(DEMO)/raw/voc --dest $(SETS)/demo-voc --layout voc --shard-size 100 --workers 2
-	set -e; for method in $(METHODS); do \
-	  run=$(DEMO)/runs/$$method; \
-	  $(BIN)/ladder-siam pretrain --config configs/tiny_cpu.yaml --method $$method --shards $(SETS)/demo --out $$run; \
-	  $(BIN)/ladder-siam linear-probe --preset tiny --backbone $$run/backbone.pt --train $(SETS)/demo/train --val $(SETS)/demo/val --out $$run/eval/linear_probe; \
-	  $(BIN)/ladder-siam finetune-detection --preset tiny --backbone $$run/backbone.pt --train $(SETS)/demo-coco/train --val $(SETS)/demo-coco/val --out $$run/eval/detection; \
-	  $(BIN)/ladder-siam finetune-segmentation --preset tiny --backbone $$run/backbone.pt --train $(SETS)/demo-voc/train --val $(SETS)/demo-voc/val --out $$run/eval/segmentation; \
-	done
-	$(BIN)/ladder-siam report --runs $(foreach m,$(METHODS),$(DEMO)/runs/$(m)) --out $(DEMO)/report --analysis-images $(SETS)/demo/val
-	@echo "Report: $(DEMO)/report/index.html (Markdown: $(DEMO)/report/report.md)"
+	$(RUN_LOCAL) --param method=byol --param run_name=byol
+	$(RUN_LOCAL) --param method=ladder-byol --param run_name=ladder-byol \
+	  --param 'compare_runs=[$(DEMO)/runs/byol]'
+	@echo "Report: $(DEMO)/runs/ladder-byol/report/index.html (Markdown: report.md beside it)"
 
 test: setup
 	$(BIN)/pytest

@@ -42,6 +42,7 @@ class FakeCluster:
     script: Script
     jobs: dict[str, dict[str, Any]] = field(default_factory=dict)
     deleted: list[str] = field(default_factory=list)
+    created: int = 0
     requests: list[str] = field(default_factory=list)
     polls: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -105,7 +106,12 @@ def _handler(cluster: FakeCluster) -> type[BaseHTTPRequestHandler]:
             if method == "POST" and name is None:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 assert body["kind"] == "PyTorchJob" and body["metadata"]["namespace"] == namespace
+                if body["metadata"]["name"] in cluster.jobs:
+                    status = {"kind": "Status", "reason": "AlreadyExists", "code": 409}
+                    self._reply(409, status)
+                    return
                 cluster.jobs[body["metadata"]["name"]] = body
+                cluster.created += 1
                 self._reply(201, body)
             elif name not in cluster.jobs:
                 self._not_found(f"pytorchjobs {name}")

@@ -93,7 +93,13 @@ def test_the_image_installs_the_package_with_pinned_runtime_dependencies(dockerf
     # k8s/examples/pytorchjob.yaml reads its preset from /opt/ladder-siam/configs/.
     assert arguments(dockerfile, "WORKDIR")[-1] == "/opt/ladder-siam"
     copies = " ".join(arguments(dockerfile, "COPY"))
-    for needed in ("pyproject.toml", "README.md", "src/", "configs/"):
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    # Every folder a package installs from (src/, components/, pipelines/) is in the image.
+    package_dirs = [
+        folder.split("/")[0] + "/"
+        for folder in pyproject["tool"]["setuptools"]["package-dir"].values()
+    ]
+    for needed in ("pyproject.toml", "README.md", "configs/", *package_dirs):
         assert needed in copies, needed
     [install] = [run for run in arguments(dockerfile, "RUN") if "pip install" in run]
     words = shlex.split(install.split("&&")[0])
@@ -102,7 +108,7 @@ def test_the_image_installs_the_package_with_pinned_runtime_dependencies(dockerf
         canonicalize_name(requirement.name): requirement
         for requirement in (Requirement(word) for word in words if "==" in word)
     }
-    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    project = pyproject["project"]
     for dependency in map(Requirement, project["dependencies"]):
         pin = pins.get(canonicalize_name(dependency.name))
         assert pin is not None, f"{dependency.name} is not pinned in the Dockerfile"

@@ -121,10 +121,17 @@ def test_every_kustomization_renders_objects_of_the_expected_kinds(
 ) -> None:
     base_kinds = sorted(obj["kind"] for obj in rendered["base"])
     assert base_kinds == sorted(
-        ("ServiceAccount", "Role", "RoleBinding", "Secret", "ConfigMap",
+        ("ServiceAccount", "Role", "RoleBinding", "Secret", "ConfigMap", "ConfigMap",
          "PodMonitor", "PrometheusRule")
     )  # fmt: skip
     assert [obj["kind"] for obj in rendered["examples"]] == ["PyTorchJob"]
+    # Every pipeline step reads the Pushgateway address from this ConfigMap (optional).
+    settings = [
+        obj
+        for obj in find(rendered["base"], "ConfigMap")
+        if obj["metadata"]["name"] == "ladder-siam-settings"
+    ]
+    assert settings[0]["data"]["PUSHGATEWAY_URL"].startswith("http://")
     assert sorted(obj["kind"] for obj in rendered["overlays/kubeflow-profile"]) == base_kinds
 
 
@@ -330,8 +337,12 @@ def test_every_alert_has_a_unit_test_where_it_fires(rule_files: Path) -> None:
 
 def dashboard_queries(rendered: dict[str, list[dict[str, Any]]]) -> dict[str, list[str]]:
     """Panel title -> its PromQL, from the ConfigMap Grafana's sidecar loads."""
-    [config_map] = find(rendered["base"], "ConfigMap")
-    assert config_map["metadata"]["labels"]["grafana_dashboard"] == "1"
+    [config_map] = [
+        obj
+        for obj in find(rendered["base"], "ConfigMap")
+        if "grafana_dashboard" in obj["metadata"].get("labels", {})
+    ]
+    assert config_map["metadata"]["name"] == "ladder-siam-dashboard"
     [text] = config_map["data"].values()
     panels = json.loads(text)["panels"]
     return {panel["title"]: [target["expr"] for target in panel["targets"]] for panel in panels}

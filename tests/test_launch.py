@@ -193,6 +193,23 @@ def test_a_failed_job_raises_with_the_reason_and_the_master_log() -> None:
     assert str(failure.value).endswith("RuntimeError: CUDA out of memory")
 
 
+def test_a_retried_step_follows_its_job_and_replaces_a_failed_one() -> None:
+    with fake_kubernetes(Script("Succeeded", after_polls=2)) as (cluster, api):
+        launcher = Launcher("ml-research", api)
+        first = launcher.submit(build_pytorchjob(launch_config()))
+        # KFP retried the step: the job is still running, so it is followed, not restarted.
+        again = launcher.submit(build_pytorchjob(launch_config()))
+        launcher.wait(again, timeout_s=10, poll_s=0.01)
+    assert first == again and cluster.created == 1 and cluster.deleted == []
+
+    with fake_kubernetes(Script("Failed", after_polls=0, reason="OOMKilled")) as (cluster, api):
+        launcher = Launcher("ml-research", api)
+        name = launcher.submit(build_pytorchjob(launch_config()))
+        # Started again after a failure: a new job, which resumes from the checkpoints.
+        assert launcher.submit(build_pytorchjob(launch_config())) == name
+    assert cluster.created == 2 and cluster.deleted == [name] and name in cluster.jobs
+
+
 def test_a_hanging_job_times_out_and_is_deleted() -> None:
     with fake_kubernetes(Script(outcome=None)) as (cluster, api):
         launcher = Launcher("ml-research", api)

@@ -5,3 +5,7 @@ never need it.
 """
 
 __version__ = "0.1.0"
+
+# The project image (images/ladder-siam) every pipeline step and PyTorchJob pod runs. Push it
+# to your registry and compile with `ladder-siam pipeline compile --image REGISTRY/...:TAG`.
+IMAGE = f"registry.example.com/ladder-siam:{__version__}"

@@ -37,17 +37,33 @@ COMMANDS = {
         "FCN-D8 finetune and mIoU evaluation of a backbone",
     ),
     "report": ("ladder_siam.report", "the HTML/Markdown report comparing runs"),
+    "pipeline": (
+        "ladder_siam.pipeline_runs",
+        "compile the Kubeflow pipeline, run it locally, submit or schedule it",
+    ),
+    "artifacts": ("ladder_siam.artifacts", "list or download a run's outputs"),
 }
+
+
+def _add_common_options(parser: argparse.ArgumentParser, nested: bool = False) -> None:
+    # A nested action (``pipeline submit``) takes them too, after its own name; SUPPRESS
+    # keeps its unset options from hiding values given before the action.
+    parser.add_argument(
+        "--s3-endpoint",
+        default=argparse.SUPPRESS if nested else None,
+        help="S3-compatible endpoint URL (MinIO, SeaweedFS); default: $AWS_ENDPOINT_URL or AWS",
+    )
+    parser.add_argument(
+        "--log-level",
+        default=argparse.SUPPRESS if nested else "INFO",
+        help="logging level (DEBUG, INFO, ...)",
+    )
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The top-level parser; only ``command``'s module is imported for its options."""
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
-        "--s3-endpoint",
-        help="S3-compatible endpoint URL (MinIO, SeaweedFS); default: $AWS_ENDPOINT_URL or AWS",
-    )
-    common.add_argument("--log-level", default="INFO", help="logging level (DEBUG, INFO, ...)")
+    _add_common_options(common)
     parser = argparse.ArgumentParser(
         prog="ladder-siam", description="Ladder Siamese Network pretraining, step by step."
     )
@@ -57,7 +73,12 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         parents = [common]
         if name == command:
             parents.insert(0, importlib.import_module(module_name).get_args_parser())
-        subparsers.add_parser(name, parents=parents, help=help_text, description=help_text)
+        sub = subparsers.add_parser(name, parents=parents, help=help_text, description=help_text)
+        for action in sub._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for nested_name, nested in action.choices.items():
+                    nested.prog = f"{sub.prog} {nested_name}"
+                    _add_common_options(nested, nested=True)
     return parser
 
 

@@ -73,14 +73,51 @@ class Launcher:
         self._last_log_key: tuple[str, int] | None = None
         self._last_log_read = 0.0
 
-    def submit(self, job: dict[str, Any]) -> str:
-        """Creates ``job`` (a manifest from ``build_pytorchjob``) and returns its name."""
-        created = self.custom.create_namespaced_custom_object(
-            GROUP, VERSION, self.namespace, PLURAL, job
-        )
-        name: str = created["metadata"]["name"]
+    def submit(self, job: dict[str, Any], gone_timeout_s: float = 120.0) -> str:
+        """Creates ``job`` (a manifest from ``build_pytorchjob``) and returns its name.
+
+        A job of that name may exist already: KFP retried this step, or the run was started
+        again under its name. A running or finished job is followed, not restarted; a failed
+        one is replaced, and the new one resumes training from the newest checkpoint.
+        """
+        name: str = job["metadata"]["name"]
+        try:
+            self.custom.create_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, job)
+        except ApiException as error:
+            if error.status != 409:
+                raise
+            if "Failed" not in self._conditions(name):
+                logger.info("PyTorchJob %s/%s exists already: following it", self.namespace, name)
+                return name
+            logger.info("PyTorchJob %s/%s failed before: replacing it", self.namespace, name)
+            self.delete(name)
+            self._wait_until_gone(name, gone_timeout_s)
+            self.custom.create_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, job)
         logger.info("submitted PyTorchJob %s/%s", self.namespace, name)
         return name
+
+    def _conditions(self, name: str) -> dict[str, dict[str, Any]]:
+        """The job's conditions that hold now (Created, Running, Succeeded, Failed ...)."""
+        job = self.custom.get_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, name)
+        return {
+            condition["type"]: condition
+            for condition in job.get("status", {}).get("conditions", [])
+            if condition.get("status") == "True"
+        }
+
+    def _wait_until_gone(self, name: str, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                self.custom.get_namespaced_custom_object(
+                    GROUP, VERSION, self.namespace, PLURAL, name
+                )
+            except ApiException as error:
+                if error.status == 404:
+                    return
+                raise
+            time.sleep(1.0)
+        raise TimeoutError(f"PyTorchJob {name} was not deleted within {timeout_s:g} s")
 
     def delete(self, name: str) -> None:
         """Deletes the job and, in the background, its pods; a missing job is not an error."""
@@ -111,15 +148,8 @@ class Launcher:
         deadline = time.monotonic() + timeout_s
         self._last_log_key = None
         while True:
-            job = self.custom.get_namespaced_custom_object(
-                GROUP, VERSION, self.namespace, PLURAL, name
-            )
+            conditions = self._conditions(name)
             self._stream_master_log(name)
-            conditions = {
-                condition["type"]: condition
-                for condition in job.get("status", {}).get("conditions", [])
-                if condition.get("status") == "True"
-            }
             if "Succeeded" in conditions:
                 logger.info("PyTorchJob %s succeeded", name)
                 return

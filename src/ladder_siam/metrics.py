@@ -22,6 +22,7 @@ from prometheus_client import (
     Histogram,
     Info,
     push_to_gateway,
+    pushadd_to_gateway,
     start_http_server,
 )
 
@@ -181,6 +182,7 @@ class TrainingMetrics:
             job: The Pushgateway ``job`` label, e.g. ``"pretrain"``.
             gateway: Pushgateway address; defaults to ``$PUSHGATEWAY_URL``.
             grouping: Further grouping labels; low-cardinality ones only, never a run id.
+        success: Whether the step succeeded.
 
         Returns:
             True when pushed, False when no gateway is configured.
@@ -205,11 +207,13 @@ def push_job_metrics(
     values: Mapping[str, float],
     gateway: str | None = None,
     grouping: Mapping[str, str] | None = None,
+    success: bool = True,
 ) -> bool:
     """Pushes the results of a short batch step (prepare-shards, an evaluation) as gauges.
 
     Each value becomes a gauge ``ladder_siam_<name>``; the push also sets
-    ``ladder_siam_job_last_success_timestamp_seconds``, so call it when the step succeeded.
+    ``ladder_siam_job_last_success_timestamp_seconds`` (or ``..._last_failure_...`` when
+    ``success`` is False), the series that "has it run lately?" alerts watch.
 
     Args:
         job: The Pushgateway ``job`` label, e.g. ``"prepare-shards"``.
@@ -217,6 +221,7 @@ def push_job_metrics(
             ``{"shards_written": 12}``.
         gateway: Pushgateway address; defaults to ``$PUSHGATEWAY_URL``.
         grouping: Further grouping labels; low-cardinality ones only, never a run id.
+        success: Whether the step succeeded.
 
     Returns:
         True when pushed, False when no gateway is configured.
@@ -228,12 +233,13 @@ def push_job_metrics(
             f"{PREFIX}{name}", "Pushed by a batch step that succeeded.", registry=registry
         )
         gauge.set(value)
+    outcome = "success" if success else "failure"
     Gauge(
-        f"{PREFIX}job_last_success_timestamp_seconds",
-        "Unix time the job last succeeded.",
+        f"{PREFIX}job_last_{outcome}_timestamp_seconds",
+        f"Unix time the job last ended in {outcome}.",
         registry=registry,
     ).set(time.time())
-    return _push(registry, job, gateway, grouping)
+    return _push(registry, job, gateway, grouping, replace=success)
 
 
 def _push(
@@ -241,9 +247,13 @@ def _push(
     job: str,
     gateway: str | None,
     grouping: Mapping[str, str] | None,
+    replace: bool = True,
 ) -> bool:
     address = gateway or os.environ.get("PUSHGATEWAY_URL")
     if not address:
         return False
-    push_to_gateway(address, job, registry, grouping_key=dict(grouping or {}))
+    # A success replaces the group's series; a failure only adds its own, so the last
+    # success's timestamp survives for "has not succeeded in N days" alerts.
+    push = push_to_gateway if replace else pushadd_to_gateway
+    push(address, job, registry, grouping_key=dict(grouping or {}))
     return True

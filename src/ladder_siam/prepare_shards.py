@@ -36,6 +36,7 @@ from ladder_siam.manifest import (
     SplitManifest,
     SplitSummary,
 )
+from ladder_siam.metrics import push_job_metrics
 from ladder_siam.progress import Progress
 from ladder_siam.samples import FIELDS, build_sample
 from ladder_siam.sources import LAYOUTS, SourceItem, SourceListing, list_source
@@ -117,6 +118,7 @@ def prepare_shards(
     Raises:
         ValueError: A bad option or a source without inputs of this layout.
     """
+    started = time.monotonic()
     if shard_size < 1:
         raise ValueError(f"--shard-size {shard_size}: must be at least 1")
     if max_side is not None and max_side < 16:
@@ -164,6 +166,7 @@ def prepare_shards(
 
     manifest = _commit(dest, source, listing, tasks, receipts, seed, max_side)
     _log_summary(manifest, listing.skipped, receipts.values(), total_inputs, written_rate)
+    _push_metrics(manifest, pending, time.monotonic() - started)
     return manifest
 
 
@@ -318,6 +321,27 @@ def _log_summary(
     )  # fmt: skip
     for split, summary in sorted(manifest.splits.items()):
         logger.info("  %s: %d samples in %d shards", split, summary.num_samples, summary.num_shards)
+
+
+def _push_metrics(manifest: DatasetManifest, written: list[ShardTask], duration_s: float) -> None:
+    """Pushes each split's counts to the Pushgateway when ``$PUSHGATEWAY_URL`` is set.
+
+    One group per layout and split: both take a handful of values, where a dataset URI
+    would make a new series per dataset. The duration is the whole step's, in every group.
+    """
+    for split, summary in sorted(manifest.splits.items()):
+        push_job_metrics(
+            "prepare-shards",
+            {
+                "shards": summary.num_shards,
+                # Fewer than "shards" when a rerun reused finished shards.
+                "shards_written": sum(task.split == split for task in written),
+                "samples": summary.num_samples,
+                "samples_skipped": summary.num_skipped,
+                "prepare_duration_seconds": duration_s,
+            },
+            grouping={"layout": manifest.layout, "split": split},
+        )
 
 
 def get_args_parser() -> argparse.ArgumentParser:

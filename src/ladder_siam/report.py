@@ -22,6 +22,7 @@ from typing import Any
 from ladder_siam import storage
 from ladder_siam.backbones import STAGES
 from ladder_siam.manifest import load_split
+from ladder_siam.metrics import push_job_metrics
 from ladder_siam.report_analysis import AnalysisSettings, analysis_sections
 from ladder_siam.report_html import Section, figure_data_uri, figures, render_html, render_markdown
 from ladder_siam.report_inputs import HEADLINE, load_runs
@@ -183,6 +184,7 @@ def make_report(config: ReportConfig) -> Report:
     """Builds the report and writes it under ``config.out``; returns it."""
     report = build_report(config)
     write_report(report, config.out)
+    push_job_metrics("report", {"report_runs": len(config.runs)})
     logger.info("report on %d runs: %s", len(config.runs), storage.join(config.out, "index.html"))
     return report
 

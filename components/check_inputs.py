@@ -1,0 +1,99 @@
+"""The first step: validate the parameters, name the run, fingerprint the sources (uncached)."""
+
+from typing import NamedTuple
+
+from kfp import dsl
+
+from ladder_siam.components import IMAGE
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def check_inputs(
+    source_uri: str,
+    source_layout: str,
+    detection_source_uri: str,
+    segmentation_source_uri: str,
+    output_uri: str,
+    run_name: str,
+    method: str,
+    pretrain_config: str,
+    arch: str,
+    epochs: int,
+    batch_size: int,
+    nodes: int,
+    gpus_per_node: int,
+    image: str,
+    namespace: str,
+    s3_secret: str,
+    probe_preset: str,
+    detection_preset: str,
+    segmentation_preset: str,
+    compare_runs: list,
+    shard_size: int,
+    max_side: int,
+    gpu_node_selector: dict,
+    gpu_tolerations: list,
+    pretrain_deadline_hours: float,
+    launch_backend: str,
+    job_name: str,
+) -> NamedTuple(  # inline: KFP reads the output names and types from it
+    "RunPlan",
+    [
+        ("run_name", str),
+        ("run_uri", str),
+        ("launch", dict),
+        ("pretrain_dest", str),
+        ("pretrain_fingerprint", str),
+        ("detection_dest", str),
+        ("detection_fingerprint", str),
+        ("segmentation_dest", str),
+        ("segmentation_fingerprint", str),
+    ],
+):
+    """Checks every parameter (all problems at once) and fingerprints the source listings."""
+    from ladder_siam.pipeline_inputs import PipelineInputs
+    from ladder_siam.pipeline_steps import check_inputs as check
+
+    plan = check(
+        PipelineInputs(
+            source_uri=source_uri,
+            source_layout=source_layout,
+            detection_source_uri=detection_source_uri,
+            segmentation_source_uri=segmentation_source_uri,
+            output_uri=output_uri,
+            run_name=run_name,
+            method=method,
+            pretrain_config=pretrain_config,
+            arch=arch,
+            epochs=epochs,
+            batch_size=batch_size,
+            nodes=nodes,
+            gpus_per_node=gpus_per_node,
+            image=image,
+            namespace=namespace,
+            s3_secret=s3_secret,
+            probe_preset=probe_preset,
+            detection_preset=detection_preset,
+            segmentation_preset=segmentation_preset,
+            compare_runs=compare_runs,
+            shard_size=shard_size,
+            max_side=max_side,
+            gpu_node_selector=gpu_node_selector,
+            gpu_tolerations=gpu_tolerations,
+            pretrain_deadline_hours=pretrain_deadline_hours,
+            launch_backend=launch_backend,
+        ),
+        job_name,
+    )
+    datasets = plan.datasets
+    return (
+        plan.run_name,
+        plan.run_uri,
+        plan.launch,
+        datasets["pretrain"].dest,
+        datasets["pretrain"].fingerprint,
+        datasets["detection"].dest,
+        datasets["detection"].fingerprint,
+        datasets["segmentation"].dest,
+        datasets["segmentation"].fingerprint,
+    )

@@ -1,0 +1,16 @@
+"""Detection evaluation of the pretrained backbone."""
+
+from kfp import dsl
+from kfp.dsl import Dataset, Input, Metrics, Model, Output
+
+from ladder_siam.components import IMAGE
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def finetune_detection(
+    model: Input[Model], dataset: Input[Dataset], preset: str, metrics: Output[Metrics]
+) -> None:
+    """Mask R-CNN (FPN) finetune on COCO-layout shards; box and mask AP into the metrics."""
+    from ladder_siam.pipeline_steps import finetune_detection as evaluate
+
+    evaluate(model, dataset, preset, metrics)

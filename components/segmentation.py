@@ -1,0 +1,16 @@
+"""Segmentation evaluation of the pretrained backbone."""
+
+from kfp import dsl
+from kfp.dsl import Dataset, Input, Metrics, Model, Output
+
+from ladder_siam.components import IMAGE
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def finetune_segmentation(
+    model: Input[Model], dataset: Input[Dataset], preset: str, metrics: Output[Metrics]
+) -> None:
+    """FCN-D8 finetune on VOC-layout shards; mIoU and pixel accuracy into the metrics."""
+    from ladder_siam.pipeline_steps import finetune_segmentation as evaluate
+
+    evaluate(model, dataset, preset, metrics)

@@ -1,0 +1,1 @@
+"""The Kubeflow pipeline of ladder-siam and its compiled YAML (``ladder_siam.yaml``)."""

@@ -1,0 +1,358 @@
+"""The Kubeflow pipeline: its compiled YAML (committed, valid IR, the DAG users see), its first
+step's validation and fingerprints, and whole runs through kfp.local, the real KFP executor."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import yaml
+from google.protobuf import json_format, struct_pb2
+from kfp.pipeline_spec import pipeline_spec_pb2
+
+from ladder_siam import cli, storage
+from ladder_siam.components import IMAGE
+from ladder_siam.demo_data import make_demo_data
+from ladder_siam.pipeline_inputs import PipelineInputs, plan_run, run_name
+from ladder_siam.pipeline_runs import COMPILED, run_local
+from ladder_siam.pipeline_steps import launch_config_from_dict
+from ladder_siam.pipelines.ladder_siam import S3_SECRET_KEYS, SETTINGS_CONFIG_MAP
+from ladder_siam.pytorchjob import build_pytorchjob
+
+REPO = Path(__file__).parents[1]
+CRD = REPO.parent / "shared" / "schemas" / "kubeflow.org_pytorchjobs.yaml"
+GPU_STEPS = ("finetune-detection", "finetune-segmentation", "linear-probe")
+
+
+@pytest.fixture(scope="module")
+def compiled() -> tuple[dict[str, Any], dict[str, Any]]:
+    spec, platform = yaml.safe_load_all(COMPILED.read_text())
+    return spec, platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+
+
+def tasks(spec: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The tasks inside the exit handler, by name."""
+    return spec["components"]["comp-exit-handler-1"]["dag"]["tasks"]
+
+
+def component(task: dict[str, Any]) -> str:
+    """The step a task runs: its component's name without KFP's comp- prefix and -N suffix."""
+    name = task["componentRef"]["name"].removeprefix("comp-")
+    return name.rsplit("-", 1)[0] if name[-1].isdigit() else name
+
+
+def ancestors(graph: dict[str, dict[str, Any]], name: str) -> set[str]:
+    found: set[str] = set()
+    stack = list(graph[name].get("dependentTasks", []))
+    while stack:
+        parent = stack.pop()
+        if parent not in found:
+            found.add(parent)
+            stack += graph[parent].get("dependentTasks", [])
+    return {component(graph[parent]) for parent in found}
+
+
+def test_the_committed_yaml_is_what_the_code_compiles_to(tmp_path: Path) -> None:
+    fresh = tmp_path / "ladder_siam.yaml"
+    assert cli.main(["pipeline", "compile", "--out", str(fresh)]) == 0
+    assert fresh.read_bytes() == COMPILED.read_bytes(), (
+        "pipelines/ladder_siam.yaml is stale: run `ladder-siam pipeline compile` and commit it"
+    )
+
+
+def test_the_yaml_is_valid_kfp_ir(compiled: tuple[dict[str, Any], dict[str, Any]]) -> None:
+    spec, _ = compiled
+    parsed = json_format.ParseDict(spec, pipeline_spec_pb2.PipelineSpec())
+    assert parsed.pipeline_info.name == "ladder-siam"
+    platform = yaml.safe_load_all(COMPILED.read_text())
+    json_format.ParseDict(list(platform)[1], pipeline_spec_pb2.PlatformSpec())
+
+
+def test_the_six_steps_run_in_order_and_the_evaluations_in_parallel(
+    compiled: tuple[dict[str, Any], dict[str, Any]],
+) -> None:
+    spec, _ = compiled
+    graph = tasks(spec)
+    steps = sorted(component(task) for task in graph.values())
+    assert steps == sorted(
+        ["check-inputs", *["prepare-shards"] * 3, "pretrain", *GPU_STEPS, "report"]
+    )
+    by_step = {component(task): name for name, task in graph.items()}
+    assert ancestors(graph, by_step["prepare-shards"]) == {"check-inputs"}
+    assert ancestors(graph, by_step["pretrain"]) == {"check-inputs", "prepare-shards"}
+    for step in GPU_STEPS:
+        # Each evaluation waits for pretraining and its own dataset, never for another one.
+        assert ancestors(graph, by_step[step]) == {"check-inputs", "prepare-shards", "pretrain"}
+    assert ancestors(graph, by_step["report"]) >= {"pretrain", *GPU_STEPS}
+    # The exit handler runs whatever happened inside, and reads the final status.
+    exit_task = spec["root"]["dag"]["tasks"]["record-status"]
+    assert exit_task["triggerPolicy"]["strategy"] == "ALL_UPSTREAM_TASKS_COMPLETED"
+    assert exit_task["dependentTasks"] == ["exit-handler-1"]
+
+
+def test_only_the_fingerprint_step_skips_the_cache(
+    compiled: tuple[dict[str, Any], dict[str, Any]],
+) -> None:
+    spec, _ = compiled
+    caching = {name: task.get("cachingOptions", {}) for name, task in tasks(spec).items()}
+    assert caching.pop("check-inputs") == {}  # enableCache false is the proto default
+    assert all(options == {"enableCache": True} for options in caching.values())
+    # Shard preparation is keyed on the source's fingerprint, so new data misses the cache.
+    for task in tasks(spec).values():
+        if component(task) == "prepare-shards":
+            fingerprint = task["inputs"]["parameters"]["fingerprint"]
+            assert fingerprint["taskOutputParameter"]["producerTask"] == "check-inputs"
+
+
+def test_steps_run_the_project_image_without_installing_anything(
+    compiled: tuple[dict[str, Any], dict[str, Any]],
+) -> None:
+    spec, _ = compiled
+    for name, executor in spec["deploymentSpec"]["executors"].items():
+        container = executor["container"]
+        assert container["image"] == IMAGE, name
+        assert not any("pip install" in part for part in container["command"]), name
+        resources = container.get("resources", {})
+        gpu = resources.get("accelerator", {})
+        if name.removeprefix("exec-") in GPU_STEPS:
+            assert (gpu["resourceType"], gpu["resourceCount"]) == ("nvidia.com/gpu", "1"), name
+        else:
+            assert gpu == {}, f"{name} must not hold a GPU"
+
+
+def test_every_step_gets_credentials_and_settings_and_gpu_steps_their_nodes(
+    compiled: tuple[dict[str, Any], dict[str, Any]],
+) -> None:
+    spec, platform = compiled
+    kustomized = (REPO / "k8s" / "base" / "kustomization.yaml").read_text()
+    secret_default = spec["root"]["inputDefinitions"]["parameters"]["s3_secret"]["defaultValue"]
+    # The names the pipeline uses are the ones k8s/base creates.
+    assert f"name: {secret_default}" in kustomized
+    assert f"name: {SETTINGS_CONFIG_MAP}" in kustomized
+    assert set(platform) == set(spec["deploymentSpec"]["executors"])
+    for name, config in platform.items():
+        [secret] = config["secretAsEnv"]
+        assert secret["secretNameParameter"] == {
+            "componentInputParameter": "pipelinechannel--s3_secret"
+        } or (
+            name == "exec-record-status"
+            and secret["secretNameParameter"] == {"componentInputParameter": "s3_secret"}
+        )
+        assert {entry["envVar"] for entry in secret["keyToEnv"]} == set(S3_SECRET_KEYS)
+        [settings] = config["configMapAsEnv"]
+        assert settings["configMapName"] == SETTINGS_CONFIG_MAP and settings["optional"]
+        if name.removeprefix("exec-") in GPU_STEPS:
+            assert config["nodeSelector"]["nodeSelectorJson"] == {
+                "componentInputParameter": "pipelinechannel--gpu_node_selector"
+            }
+            assert config["tolerations"] == [
+                {"tolerationJson": {"componentInputParameter": "pipelinechannel--gpu_tolerations"}}
+            ]
+            [shm] = config["emptyDirMounts"]
+            assert (shm["mountPath"], shm["medium"]) == ("/dev/shm", "Memory")
+        else:
+            assert "nodeSelector" not in config and "tolerations" not in config, name
+
+
+def test_parameters_have_defaults_that_make_sense_in_the_ui(
+    compiled: tuple[dict[str, Any], dict[str, Any]],
+) -> None:
+    spec, _ = compiled
+    defaults = {
+        name: parameter.get("defaultValue")
+        for name, parameter in spec["root"]["inputDefinitions"]["parameters"].items()
+    }
+    assert defaults["method"] == "ladder-byol" and defaults["arch"] == "resnet50"
+    assert (defaults["nodes"], defaults["gpus_per_node"], defaults["batch_size"]) == (4, 8, 4096)
+    assert defaults["launch_backend"] == "kubernetes" and defaults["image"] == IMAGE
+    assert (REPO / defaults["pretrain_config"]).is_file()
+    assert "A100" in next(iter(defaults["gpu_node_selector"].values()))
+    for uri in ("source_uri", "detection_source_uri", "segmentation_source_uri", "output_uri"):
+        assert defaults[uri].startswith("s3://"), uri
+    # The library's defaults (what tests and notebooks get) are the UI's.
+    for item in dataclasses.fields(PipelineInputs):
+        if item.name in defaults and item.default is not dataclasses.MISSING:
+            assert item.default == defaults[item.name], item.name
+    # Every parameter is explained where the UI and `--help` readers look: the docstring.
+    docstring = (REPO / "pipelines" / "ladder_siam.py").read_text()
+    for name in defaults:
+        assert f"        {name}: " in docstring, f"{name} is not documented"
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("sources")
+    make_demo_data(str(root), images=40, size=48, val_fraction=0.25)
+    return root
+
+
+def inputs(sources: Path, output: Path, **overrides: Any) -> PipelineInputs:
+    settings: dict[str, Any] = {
+        "source_uri": str(sources / "imagefolder"),
+        "detection_source_uri": str(sources / "coco"),
+        "segmentation_source_uri": str(sources / "voc"),
+        "output_uri": str(output),
+        "namespace": "ml-research",
+        "pretrain_config": str(REPO / "configs" / "ladder-byol_r50_in1k_200ep.yaml"),
+        "gpu_node_selector": {"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB"},
+        "gpu_tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists"}],
+    }
+    settings.update(overrides)
+    return PipelineInputs(**settings)
+
+
+def through_kfp(value: dict[str, Any]) -> dict[str, Any]:
+    """A dict parameter as the next step receives it: a protobuf Struct (numbers are floats)."""
+    struct = struct_pb2.Struct()
+    struct.update(json.loads(json.dumps(value)))
+    return json_format.MessageToDict(struct)
+
+
+def test_the_pretrain_step_launches_four_nodes_of_eight_gpus_that_match_the_crd(
+    sources: Path, tmp_path: Path
+) -> None:
+    plan = plan_run(inputs(sources, tmp_path, run_name="R50 Ladder_200ep"), "ignored")
+    assert plan.run_name == "r50-ladder-200ep"
+    job = build_pytorchjob(launch_config_from_dict(through_kfp(plan.launch)))
+
+    crd = yaml.safe_load(CRD.read_text())
+    [version] = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
+    validator = jsonschema.Draft7Validator(version["schema"]["openAPIV3Schema"])
+    assert [error.message for error in validator.iter_errors(job)] == []
+
+    replicas = job["spec"]["pytorchReplicaSpecs"]
+    assert (replicas["Master"]["replicas"], replicas["Worker"]["replicas"]) == (1, 3)
+    assert job["spec"]["nprocPerNode"] == "8"
+    assert job["metadata"]["namespace"] == "ml-research"
+    assert job["metadata"]["labels"]["ladder-siam/run-id"] == "r50-ladder-200ep"
+    pod = replicas["Worker"]["template"]["spec"]
+    [container] = pod["containers"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "8"
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB"}
+    assert container["envFrom"] == [{"secretRef": {"name": "ladder-siam-s3"}}]
+    command = container["command"]
+    shards = command[command.index("--shards") + 1]
+    assert shards == plan.datasets["pretrain"].dest
+    assert command[command.index("--out") + 1] == str(tmp_path / "runs" / "r50-ladder-200ep")
+    assert job["spec"]["runPolicy"]["activeDeadlineSeconds"] == 168 * 3600
+
+
+def test_every_bad_parameter_is_reported_at_once_before_any_work(
+    sources: Path, tmp_path: Path
+) -> None:
+    bad = inputs(
+        sources,
+        tmp_path,
+        source_uri="http://example.com/imagenet",
+        method="simclr",
+        probe_preset="huge",
+        nodes=0,
+        compare_runs=[str(tmp_path / "no-such-run")],
+    )
+    with pytest.raises(ValueError) as error:
+        plan_run(bad, "job")
+    message = str(error.value)
+    for expected in ("source_uri 'http://", "probe_preset 'huge'", "nodes 0", "no-such-run"):
+        assert expected in message
+    assert not (tmp_path / "datasets").exists()
+
+    # Settings that only clash together: 4096 does not divide over 3 x 8 GPUs.
+    with pytest.raises(ValueError, match="--batch-size 4096: must be divisible by world size 24"):
+        plan_run(inputs(sources, tmp_path, nodes=3), "job")
+    with pytest.raises(ValueError, match="method 'simclr'"):
+        plan_run(inputs(sources, tmp_path, method="simclr"), "job")
+
+
+def test_the_fingerprint_follows_the_source_listing(sources: Path, tmp_path: Path) -> None:
+    first = plan_run(inputs(sources, tmp_path), "job-1").datasets
+    again = plan_run(inputs(sources, tmp_path), "job-2").datasets
+    assert first == again  # unchanged data: the same shards folder, so a cache hit
+    extra = sources / "voc" / "extra.txt"
+    extra.write_text("a new file")
+    try:
+        changed = plan_run(inputs(sources, tmp_path), "job-3").datasets
+    finally:
+        extra.unlink()
+    assert changed["segmentation"].fingerprint != first["segmentation"].fingerprint
+    assert changed["segmentation"].dest != first["segmentation"].dest
+    assert changed["pretrain"] == first["pretrain"]
+
+
+def test_a_run_is_named_after_the_kfp_run_unless_named() -> None:
+    assert (
+        run_name("", "ladder-siam-2026-11-26-19-12-49-980452")
+        == ("ladder-siam-2026-11-26-19-12-49-980452"[:40])
+    )
+    assert run_name("My Run #7", "x") == "my-run-7"
+    assert run_name("", "7f2c-kfp-run") == "run-7f2c-kfp-run"
+    with pytest.raises(ValueError, match="run_name"):
+        run_name("", "---")
+
+
+@pytest.fixture(scope="module")
+def demo_params(sources: Path) -> Iterator[dict[str, Any]]:
+    yield {
+        "source_uri": str(sources / "imagefolder"),
+        "detection_source_uri": str(sources / "coco"),
+        "segmentation_source_uri": str(sources / "voc"),
+        "pretrain_config": str(REPO / "configs" / "tiny_cpu.yaml"),
+        "arch": "resnet18",
+        "epochs": 1,
+        "batch_size": 8,
+        "nodes": 1,
+        "gpus_per_node": 1,
+        "probe_preset": "tiny",
+        "detection_preset": "tiny",
+        "segmentation_preset": "tiny",
+        "shard_size": 10,
+        "prepare_workers": 1,
+    }
+
+
+def status_of(output: Path, run: str) -> dict[str, Any]:
+    return json.loads((output / "runs" / run / "pipeline_status.json").read_text())
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_the_whole_pipeline_runs_locally(demo_params: dict[str, Any], tmp_path: Path) -> None:
+    output = tmp_path / "out"
+    run_local({**demo_params, "output_uri": str(output), "run_name": "tiny"}, str(tmp_path / "kfp"))
+
+    run = output / "runs" / "tiny"
+    assert storage.exists(str(run / "backbone.pt"))
+    for evaluation in ("linear_probe", "detection", "segmentation"):
+        assert (run / "eval" / evaluation / "metrics.json").is_file(), evaluation
+    assert "Ladder" in (run / "report" / "index.html").read_text()
+    assert status_of(output, "tiny")["state"] == "SUCCEEDED"
+    datasets = sorted(path.name.rsplit("-", 1)[0] for path in (output / "datasets").iterdir())
+    assert datasets == ["coco", "imagefolder", "voc"]
+
+    # KFP's own outputs: the model and dataset point into the run, the metrics are numbers.
+    [kfp_run] = (tmp_path / "kfp").iterdir()
+    probe = json.loads((kfp_run / "linear-probe" / "executor_output.json").read_text())
+    probe_metrics = probe["artifacts"]["metrics"]["artifacts"][0]["metadata"]
+    assert 0 <= probe_metrics["probe_top1_res5"] <= 100
+    pretrain = json.loads((kfp_run / "pretrain" / "executor_output.json").read_text())
+    model = pretrain["artifacts"]["model"]["artifacts"][0]["metadata"]
+    assert model["uri"] == str(run / "backbone.pt") and model["method"] == "ladder-byol"
+
+
+@pytest.mark.integration
+def test_a_bad_parameter_fails_the_run_before_any_step_and_is_recorded(
+    demo_params: dict[str, Any], tmp_path: Path
+) -> None:
+    output = tmp_path / "out"
+    params = {**demo_params, "output_uri": str(output), "run_name": "bad", "method": "simclr"}
+    with pytest.raises(RuntimeError, match="check-inputs"):
+        run_local(params, str(tmp_path / "kfp"))
+    status = status_of(output, "bad")
+    assert status["state"] == "FAILED"
+    [kfp_run] = (tmp_path / "kfp").iterdir()
+    assert not (kfp_run / "prepare-shards").exists() and not (kfp_run / "pretrain").exists()
+    assert not (output / "datasets").exists()
