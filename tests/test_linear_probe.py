@@ -80,6 +80,15 @@ def test_heads_separate_linearly_separable_features_at_every_stage() -> None:
     assert set(results) == {"res2", "res3", "res5"}
     for result in results.values():
         assert result["top1"] > 95.0 and result["top5"] >= result["top1"]
+        # Rows are true classes: they count each class's test images; the diagonal, the hits.
+        confusion = torch.tensor(result["confusion"])
+        assert (
+            confusion.sum(dim=1).tolist()
+            == torch.bincount(labels[test_idx], minlength=classes).tolist()
+        )
+        assert 100.0 * confusion.trace().item() / confusion.sum().item() == pytest.approx(
+            result["top1"]
+        )
     # The same heads score at chance on shuffled labels: the accuracy comes from the features.
     shuffled = labels[test_idx][torch.randperm(int(test_idx.sum()))]
     scrambled = evaluate_heads(heads, {s: f[test_idx] for s, f in features.items()}, shuffled)

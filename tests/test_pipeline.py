@@ -261,9 +261,12 @@ def test_every_bad_parameter_is_reported_at_once_before_any_work(
         assert expected in message
     assert not (tmp_path / "datasets").exists()
 
-    # Settings that only clash together: 4096 does not divide over 3 x 8 GPUs.
-    with pytest.raises(ValueError, match="--batch-size 4096: must be divisible by world size 24"):
-        plan_run(inputs(sources, tmp_path, nodes=3), "job")
+    # Settings that only clash together (4096 does not divide over 3 x 8 GPUs), reported
+    # together with the launcher's own check of the image.
+    with pytest.raises(ValueError) as error:
+        plan_run(inputs(sources, tmp_path, nodes=3, image="ladder-siam:latest"), "job")
+    assert "--batch-size 4096: must be divisible by world size 24" in str(error.value)
+    assert "image 'ladder-siam:latest': pin a tag" in str(error.value)
     with pytest.raises(ValueError, match="method 'simclr'"):
         plan_run(inputs(sources, tmp_path, method="simclr"), "job")
 
@@ -338,6 +341,10 @@ def test_the_whole_pipeline_runs_locally(demo_params: dict[str, Any], tmp_path: 
     probe = json.loads((kfp_run / "linear-probe" / "executor_output.json").read_text())
     probe_metrics = probe["artifacts"]["metrics"]["artifacts"][0]["metadata"]
     assert 0 <= probe_metrics["probe_top1_res5"] <= 100
+    confusion = probe["artifacts"]["classification"]["artifacts"][0]["metadata"]["confusionMatrix"]
+    assert [category["displayName"] for category in confusion["annotationSpecs"]] == sorted(
+        path.name for path in (Path(demo_params["source_uri"]) / "train").iterdir()
+    )
     pretrain = json.loads((kfp_run / "pretrain" / "executor_output.json").read_text())
     model = pretrain["artifacts"]["model"]["artifacts"][0]["metadata"]
     assert model["uri"] == str(run / "backbone.pt") and model["method"] == "ladder-byol"

@@ -14,6 +14,7 @@ from prometheus_servers import pushgateway_server, sample_value, scrape
 from ladder_siam.cli import main as cli
 from ladder_siam.demo_data import make_demo_data
 from ladder_siam.manifest import load_split
+from ladder_siam.pipeline_steps import STATUS_NAME, record_status
 
 COUNTS = ("shards", "shards_written", "samples", "samples_skipped")
 # What a group of the Pushgateway may be told apart by: no run id, no dataset URI.
@@ -86,3 +87,31 @@ def test_report_pushes_the_number_of_runs(
     samples = _pushed(pushgateway, "report")
     assert sample_value(samples, "ladder_siam_report_runs") == 2
     assert {name for s in samples for name in s.labels} <= ALLOWED_LABELS
+
+
+def test_the_exit_handler_records_the_outcome_and_keeps_the_last_success(
+    pushgateway: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PUSHGATEWAY_URL", pushgateway)
+    record_status(str(tmp_path), "weekly", "kfp-run-1", "SUCCEEDED", "")
+    succeeded_at = sample_value(
+        _pushed(pushgateway, "pipeline"), "ladder_siam_job_last_success_timestamp_seconds"
+    )
+    status = record_status(str(tmp_path), "", "Weekly Run 2", "FAILED", "Task pretrain failed.")
+
+    samples = _pushed(pushgateway, "pipeline")
+    assert sample_value(samples, "ladder_siam_pipeline_succeeded") == 0
+    # A failure adds its own timestamp and leaves the last success's for "stale" alerts.
+    assert sample_value(samples, "ladder_siam_job_last_success_timestamp_seconds") == succeeded_at
+    failed_at = sample_value(samples, "ladder_siam_job_last_failure_timestamp_seconds")
+    assert failed_at is not None and failed_at >= succeeded_at
+    written = json.loads((tmp_path / "runs" / "weekly-run-2" / STATUS_NAME).read_text())
+    assert written == status and written["error"] == "Task pretrain failed."
+    assert json.loads((tmp_path / "runs" / "weekly" / STATUS_NAME).read_text())["state"] == (
+        "SUCCEEDED"
+    )
+
+    record_status(str(tmp_path), "weekly", "kfp-run-3", "SUCCEEDED", "")
+    samples = _pushed(pushgateway, "pipeline")
+    assert sample_value(samples, "ladder_siam_pipeline_succeeded") == 1
+    assert sample_value(samples, "ladder_siam_job_last_failure_timestamp_seconds") is None

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +22,10 @@ from torch import nn
 
 from ladder_siam.progress import Progress
 from ladder_siam.schedules import warmup_cosine
+
+# Confusion matrices only where a person can read them (and KFP's UI can draw them):
+# Fashion-MNIST's 10 classes, not ImageNet's 1000.
+CONFUSION_MAX_CLASSES = 100
 
 logger = logging.getLogger(__name__)
 
@@ -163,8 +168,13 @@ def evaluate_heads(
     features: Mapping[str, torch.Tensor],
     labels: torch.Tensor,
     chunk: int = 4096,
-) -> dict[str, dict[str, float]]:
-    """Top-1 and top-5 accuracy in percent of every stage's head, ``{stage: {"top1", "top5"}}``."""
+    confusion_max_classes: int = CONFUSION_MAX_CLASSES,
+) -> dict[str, dict[str, Any]]:
+    """Top-1 and top-5 accuracy in percent of every stage's head, ``{stage: {"top1", "top5"}}``.
+
+    With at most ``confusion_max_classes`` classes, each stage also gets ``"confusion"``: the
+    confusion matrix as lists (rows: true class, columns: predicted), which KFP's UI draws.
+    """
     was_training = heads.training
     heads.eval()
     logits: dict[str, list[torch.Tensor]] = {stage: [] for stage in heads.heads}
@@ -173,6 +183,15 @@ def evaluate_heads(
         for stage, out in heads(batch).items():
             logits[stage].append(out)
     heads.train(was_training)
-    return {
-        stage: topk_accuracy(torch.cat(parts), labels) for stage, parts in logits.items() if parts
-    }
+    results: dict[str, dict[str, Any]] = {}
+    for stage, parts in logits.items():
+        if not parts:
+            continue
+        stage_logits = torch.cat(parts)
+        results[stage] = dict(topk_accuracy(stage_logits, labels))
+        classes = stage_logits.shape[1]
+        if classes <= confusion_max_classes:
+            pairs = labels.to(stage_logits.device) * classes + stage_logits.argmax(dim=1)
+            counts = torch.bincount(pairs, minlength=classes * classes)
+            results[stage]["confusion"] = counts.view(classes, classes).tolist()
+    return results

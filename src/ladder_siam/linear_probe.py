@@ -103,7 +103,7 @@ def run_fast(
     backbone: PooledStages,
     train: SplitManifest,
     val: SplitManifest,
-) -> dict[str, dict[str, float]]:
+) -> dict[str, dict[str, Any]]:
     """Extracts features once, trains all stages' heads and runs kNN; results on rank 0.
 
     Every rank extracts its share; rank 0 then trains and evaluates on the gathered features
@@ -140,28 +140,35 @@ def run_fast(
 def build_metrics(
     config: ProbeConfig,
     info: BackboneInfo,
-    results: dict[str, dict[str, float]],
+    results: dict[str, dict[str, Any]],
     train: SplitManifest,
     val: SplitManifest,
 ) -> dict[str, Any]:
-    """The ``metrics.json`` document: per-stage results and flat ``scalars`` for KFP."""
+    """The ``metrics.json`` document: stage results, ``scalars`` for KFP, confusion matrices."""
     scalars: dict[str, float] = {}
-    for stage, result in results.items():
+    # The confusion matrices go beside the stages' numbers, which stay flat for the report.
+    stages = {
+        stage: {key: value for key, value in result.items() if key != "confusion"}
+        for stage, result in results.items()
+    }
+    confusion = {stage: r["confusion"] for stage, r in results.items() if "confusion" in r}
+    for stage, result in stages.items():
         scalars[f"probe_top1_{stage}"] = result["top1"]
         scalars[f"probe_top5_{stage}"] = result["top5"]
         if "knn_top1" in result:
             scalars[f"knn_top1_{stage}"] = result["knn_top1"]
     # The headline numbers are the deepest probed stage's (res5 unless --stages omits it).
-    top = list(results)[-1]
-    scalars["probe_top1"] = results[top]["top1"]
-    if "knn_top1" in results[top]:
-        scalars["knn_top1"] = results[top]["knn_top1"]
+    top = list(stages)[-1]
+    scalars["probe_top1"] = stages[top]["top1"]
+    if "knn_top1" in stages[top]:
+        scalars["knn_top1"] = stages[top]["knn_top1"]
     return {
         "protocol": config.protocol,
         "arch": info.arch,
         "small_input": info.small_input,
-        "stages": results,
+        "stages": stages,
         "scalars": scalars,
+        "confusion": confusion,
         "num_train": train.num_samples,
         "num_val": val.num_samples,
         "classes": train.classes,

@@ -27,8 +27,6 @@ from ladder_siam.sources import LAYOUTS
 
 # Where pretraining runs: a PyTorchJob, or torchrun on this machine (kfp.local runs).
 BACKENDS = ("kubernetes", "local")
-# The three datasets a run needs: pretraining (its labels serve the linear probe), COCO, VOC.
-DATASETS = ("pretrain", "detection", "segmentation")
 _FINGERPRINT_CHARS = 12
 _NAME_CHARS = 40
 _NOT_NAME = re.compile(r"[^a-z0-9-]+")
@@ -163,12 +161,19 @@ def validate(inputs: PipelineInputs, job_name: str) -> list[str]:
         return problems
     try:
         name = run_name(inputs.run_name, job_name)
-        _pretrain_config(inputs, "validate://", run_uri(inputs.output_uri, name)).validate(
-            inputs.nodes * inputs.gpus_per_node
-        )
-        launch_config(inputs, name, run_uri(inputs.output_uri, name), "validate://").validate()
     except ValueError as error:
-        problems.append(str(error))
+        return [str(error)]
+    out = run_uri(inputs.output_uri, name)
+    world_size = inputs.nodes * inputs.gpus_per_node
+    # The trainer's and the launcher's own checks, on the settings they will be given.
+    for check in (
+        lambda: _pretrain_config(inputs, "validate://", out).validate(world_size),
+        lambda: launch_config(inputs, name, out, "validate://").validate(),
+    ):
+        try:
+            check()
+        except ValueError as error:
+            problems.append(str(error))
     return problems
 
 

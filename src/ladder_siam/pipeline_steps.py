@@ -45,6 +45,13 @@ class MetricsArtifact(Artifact, Protocol):
         """Records one number for the UI."""
 
 
+class ClassificationArtifact(Artifact, Protocol):
+    """A KFP ``dsl.ClassificationMetrics`` artifact."""
+
+    def log_confusion_matrix(self, categories: list[str], matrix: list[list[int]]) -> None:
+        """Records a confusion matrix (rows: true class) for the UI to draw."""
+
+
 def check_inputs(inputs: PipelineInputs, job_name: str) -> RunPlan:
     """The first step: validates the parameters and fingerprints the sources.
 
@@ -155,14 +162,26 @@ def pretrain(
 
 
 def linear_probe(
-    model: Artifact, dataset: Artifact, preset: str, metrics: MetricsArtifact
+    model: Artifact,
+    dataset: Artifact,
+    preset: str,
+    metrics: MetricsArtifact,
+    classification: ClassificationArtifact,
 ) -> dict[str, Any]:
-    """Per-stage linear probe and kNN of the run's backbone; writes ``eval/linear_probe``."""
+    """Per-stage linear probe and kNN of the run's backbone; writes ``eval/linear_probe``.
+
+    ``classification`` gets the deepest stage's confusion matrix, when there are few enough
+    classes to draw one (see ``linear_heads.CONFUSION_MAX_CLASSES``).
+    """
     from ladder_siam import linear_probe as probe
     from ladder_siam.probe_config import config_from_args
 
     args = _eval_args(model, dataset, preset, "linear_probe")
-    return _log_scalars(probe.linear_probe(config_from_args(args)), metrics)
+    result = _log_scalars(probe.linear_probe(config_from_args(args)), metrics)
+    matrix = result["confusion"].get(list(result["stages"])[-1])
+    if matrix is not None:
+        classification.log_confusion_matrix(result["classes"], matrix)
+    return result
 
 
 def finetune_detection(

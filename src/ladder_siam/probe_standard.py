@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -104,7 +105,7 @@ def run_standard(
     backbone: PooledStages,
     train: SplitManifest,
     val: SplitManifest,
-) -> dict[str, dict[str, float]]:
+) -> dict[str, dict[str, Any]]:
     """Trains (or resumes) the augmented linear probe; returns ``{stage: {"top1", "top5"}}``.
 
     Every rank evaluates the heads on the gathered validation features.
