@@ -51,40 +51,12 @@ def check_inputs(
     ],
 ):
     """Checks every parameter (all problems at once) and fingerprints the source listings."""
+    # First, while the parameters are all there is: each but job_name is a PipelineInputs field.
+    parameters = {name: value for name, value in locals().items() if name != "job_name"}
     from ladder_siam.pipeline_inputs import PipelineInputs
     from ladder_siam.pipeline_steps import check_inputs as check
 
-    plan = check(
-        PipelineInputs(
-            source_uri=source_uri,
-            source_layout=source_layout,
-            detection_source_uri=detection_source_uri,
-            segmentation_source_uri=segmentation_source_uri,
-            output_uri=output_uri,
-            run_name=run_name,
-            method=method,
-            pretrain_config=pretrain_config,
-            arch=arch,
-            epochs=epochs,
-            batch_size=batch_size,
-            nodes=nodes,
-            gpus_per_node=gpus_per_node,
-            image=image,
-            namespace=namespace,
-            s3_secret=s3_secret,
-            probe_preset=probe_preset,
-            detection_preset=detection_preset,
-            segmentation_preset=segmentation_preset,
-            compare_runs=compare_runs,
-            shard_size=shard_size,
-            max_side=max_side,
-            gpu_node_selector=gpu_node_selector,
-            gpu_tolerations=gpu_tolerations,
-            pretrain_deadline_hours=pretrain_deadline_hours,
-            launch_backend=launch_backend,
-        ),
-        job_name,
-    )
+    plan = check(PipelineInputs(**parameters), job_name)
     datasets = plan.datasets
     return (
         plan.run_name,

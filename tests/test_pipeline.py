@@ -352,7 +352,7 @@ def test_the_whole_pipeline_runs_locally(demo_params: dict[str, Any], tmp_path: 
 
 @pytest.mark.integration
 def test_a_bad_parameter_fails_the_run_before_any_step_and_is_recorded(
-    demo_params: dict[str, Any], tmp_path: Path
+    demo_params: dict[str, Any], tmp_path: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
     output = tmp_path / "out"
     params = {**demo_params, "output_uri": str(output), "run_name": "bad", "method": "simclr"}
@@ -360,6 +360,9 @@ def test_a_bad_parameter_fails_the_run_before_any_step_and_is_recorded(
         run_local(params, str(tmp_path / "kfp"))
     status = status_of(output, "bad")
     assert status["state"] == "FAILED"
+    # The step's log (streamed by kfp.local) names the bad parameter: no other reason failed it.
+    log = capfd.readouterr().out
+    assert "invalid pipeline parameters:" in log and "method 'simclr'" in log
     [kfp_run] = (tmp_path / "kfp").iterdir()
     assert not (kfp_run / "prepare-shards").exists() and not (kfp_run / "pretrain").exists()
     assert not (output / "datasets").exists()
