@@ -87,6 +87,18 @@ def test_killed_and_resumed_run_ends_bitwise_equal(
     assert losses[0] == losses[1]
 
 
+@pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")
+def test_decoding_on_the_device_trains_like_decoding_in_the_loader(
+    shards: str, tmp_path: Path
+) -> None:
+    for decode in ("cpu", "gpu"):
+        pretrain_module.pretrain(tiny(shards, tmp_path / decode, decode=decode, max_steps=2))
+    cpu, gpu = (read_train_log(str(tmp_path / decode)) for decode in ("cpu", "gpu"))
+    assert [r["step"] for r in gpu] == [2]
+    # The views differ by a grey level in a few pixels (float vs fixed-point resizing).
+    assert [r["loss"] for r in gpu] == pytest.approx([r["loss"] for r in cpu], rel=1e-3)
+
+
 def test_resume_refuses_changed_settings(shards: str, tmp_path: Path) -> None:
     pretrain_module.pretrain(tiny(shards, tmp_path, max_steps=4))
     with pytest.raises(ValueError, match=r"cannot resume with changed settings.*arch"):
@@ -124,6 +136,8 @@ def test_bad_settings_fail_before_any_work(
     assert cli([*args, "--batch-size", "30", "--accumulation", "4"]) == 2
     assert "--batch-size 30" in caplog.text
     assert cli([*args, "--weights", "1,2"]) == 2
+    assert cli([*args, "--decode", "nvjpeg"]) == 2
+    assert "--decode 'nvjpeg'" in caplog.text
     assert cli([*args, "--levels", "GGXG"]) == 2
     assert "method 'GGXG'" in caplog.text
     assert not out.exists()

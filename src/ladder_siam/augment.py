@@ -9,8 +9,9 @@ solarization are asymmetric: probability 1.0 and 0.0 for view A, 0.1 and 0.2 for
 The jitter ops are torchvision's ``ColorJitter`` ones (brightness scales the image), as in the
 PyTorch reproductions of BYOL; BYOL's own TensorFlow-style code adds a brightness offset.
 
-* :class:`TwoViewCrop` runs in the loader workers on PIL images and returns uint8 tensors,
-  so a batch crosses the process boundary and the PCIe bus at a quarter of float32's size.
+* :class:`TwoViewCrop` runs in the loader workers and returns uint8 tensors, so a batch
+  crosses the process boundary and the PCIe bus at a quarter of float32's size (or, with
+  :mod:`ladder_siam.gpu_decode`, the workers only draw the crops and the device decodes).
 * :class:`TwoViewPhotometric` (two :class:`BatchPhotometric`) does the rest on the batch's
   device, with every random parameter drawn per sample in one vectorised call per kind.
 
@@ -21,15 +22,16 @@ the training process, which the trainer must seed or restore to resume those exa
 
 from __future__ import annotations
 
+import io
 import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
-from ladder_siam.data import DecodedSample
+from ladder_siam.data import DecodedSample, load_reduced, pil_to_tensor
 from ladder_siam.photometric import (
     color_jitter,
     gaussian_blur,
@@ -38,9 +40,11 @@ from ladder_siam.photometric import (
     rgb_to_grayscale,
     solarize,
 )
+from ladder_siam.tar_shards import Sample
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+INTERPOLATIONS = {Image.Resampling.BILINEAR: "bilinear", Image.Resampling.BICUBIC: "bicubic"}
 
 
 def sample_crop_box(
@@ -82,22 +86,62 @@ def sample_crop_box(
     return (height - crop_height) // 2, (width - crop_width) // 2, crop_height, crop_width
 
 
+@dataclass(frozen=True)
+class ViewCrop:
+    """One view's random resized crop, in pixels of the full-size image, and its flip."""
+
+    top: int
+    left: int
+    height: int
+    width: int
+    flip: bool
+
+
+def draft_factor(views: tuple[ViewCrop, ...], size: int, reducing_gap: float | None) -> int:
+    """The JPEG DCT scaling (1, 2, 4 or 8) that keeps every view's crop well resolved.
+
+    The views share one decode, so the smallest crop decides: reduced, its shorter side must
+    still be ``reducing_gap`` times ``size`` (Pillow's ``thumbnail`` rule).
+    """
+    if reducing_gap is None:
+        return 1
+    shortest = min(min(view.height, view.width) for view in views)
+    return next((f for f in (8, 4, 2) if shortest >= f * reducing_gap * size), 1)
+
+
+def resized_crop(
+    pixels: Tensor, view: ViewCrop, size: int, mode: str, scale: float = 1.0
+) -> Tensor:
+    """Crops ``view`` out of uint8 ``[3, H, W]`` pixels, resizes it to ``size``, flips it.
+
+    ``view`` is in full-size pixels, ``pixels`` is ``scale`` times the full size, ``mode`` is
+    bilinear or bicubic, antialiased: torch's uint8 kernel is Pillow's algorithm (same filters,
+    fixed-point rounding between the passes) with SIMD, 3-8x faster than Pillow here.
+    """
+    top, left = round(view.top * scale), round(view.left * scale)
+    bottom = max(round((view.top + view.height) * scale), top + 1)
+    right = max(round((view.left + view.width) * scale), left + 1)
+    crop = pixels[None, :, top:bottom, left:right]
+    out = F.interpolate(crop, size=(size, size), mode=mode, antialias=True, align_corners=False)
+    return (out.flip(-1) if view.flip else out)[0]
+
+
 class TwoViewCrop:
     """The CPU half of BYOL's augmentation: two random resized, flipped crops of one image.
 
-    A loader transform for :class:`~ladder_siam.data.ShardDataset`; collated, a batch is a
-    pair of uint8 ``[B, 3, size, size]`` tensors for :class:`TwoViewPhotometric`.
+    A loader transform for :class:`~ladder_siam.data.ShardDataset` giving, collated, uint8
+    ``[B, 3, size, size]`` pairs: call it on decoded samples, or use :meth:`from_jpeg` on raw
+    ones (``decode=False``) to decode at the smallest size the two crops allow.
 
     Args:
         size: Side of the square output in pixels.
         scale: Range of the crop's area as a fraction of the image's.
         ratio: Range of the crop's width / height.
-        interpolation: Resampling filter; BYOL resizes with bicubic interpolation.
-        reducing_gap: Pillow's ``reducing_gap``: a crop more than this factor larger than
-            the output is first shrunk by an integer factor with a box filter, which is
-            cheap (7.3 -> 3.2 ms per view from a 2048 x 1536 image with 2.0, the value
-            :class:`~ladder_siam.data.CenterCropResize` uses; Pillow finds 3.0 and up
-            indistinguishable from full filtering); None filters fully.
+        interpolation: Resampling filter, bilinear or bicubic, antialiased; BYOL resizes with
+            bicubic interpolation.
+        reducing_gap: :meth:`from_jpeg` decodes at 1/2, 1/4 or 1/8 of the size while every
+            crop stays this many times larger than the output (Pillow's recommended 2.0, see
+            :func:`draft_factor`); None always decodes at full size.
     """
 
     def __init__(
@@ -114,32 +158,46 @@ class TwoViewCrop:
             raise ValueError(f"crop scale {scale}: need 0 < low <= high <= 1")
         if not 0 < ratio[0] <= ratio[1]:
             raise ValueError(f"crop ratio {ratio}: need 0 < low <= high")
+        if interpolation not in INTERPOLATIONS:
+            raise ValueError(f"interpolation {interpolation!r}: bilinear or bicubic")
         self.size = size
         self.scale = scale
         self.ratio = ratio
-        self.interpolation = interpolation
+        self.mode = INTERPOLATIONS[interpolation]
         self.reducing_gap = reducing_gap
+
+    def sample(self, width: int, height: int) -> ViewCrop:
+        """Draws one view's crop (as torchvision's ``RandomResizedCrop``) and flip."""
+        box = sample_crop_box(width, height, self.scale, self.ratio)
+        return ViewCrop(*box, flip=torch.rand(1).item() < 0.5)
 
     def __call__(self, sample: DecodedSample) -> tuple[Tensor, Tensor]:
         """Returns the two views, uint8 ``[3, size, size]`` each, drawn independently."""
-        image = sample.image if sample.image.mode == "RGB" else sample.image.convert("RGB")
-        return self.crop(image), self.crop(image)
+        pixels = pil_to_tensor(sample.image)
+        return self._view(pixels), self._view(pixels)
 
     def crop(self, image: Image.Image) -> Tensor:
-        """One random resized crop of an RGB image, flipped with probability 0.5."""
-        top, left, height, width = sample_crop_box(
-            image.width, image.height, self.scale, self.ratio
-        )
-        # Cropping through resize's box reads the source region directly: no cropped copy.
-        view = image.resize(
-            (self.size, self.size),
-            self.interpolation,
-            box=(left, top, left + width, top + height),
-            reducing_gap=self.reducing_gap,
-        )
-        if torch.rand(1).item() < 0.5:
-            view = view.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        return torch.from_numpy(np.array(view)).permute(2, 0, 1)
+        """One random resized crop of an image, flipped with probability 0.5."""
+        return self._view(pil_to_tensor(image))
+
+    def _view(self, pixels: Tensor) -> Tensor:
+        view = self.sample(pixels.shape[-1], pixels.shape[-2])
+        return resized_crop(pixels, view, self.size, self.mode)
+
+    def from_jpeg(self, sample: Sample) -> tuple[Tensor, Tensor]:
+        """The two views of a raw shard sample, decoding its JPEG at a reduced size if it can.
+
+        The crops are drawn from the header's full size before anything is decoded, so they
+        are the ones :class:`~ladder_siam.gpu_decode.JpegTwoViews` draws from the same seed.
+        """
+        image = Image.open(io.BytesIO(sample["jpg"]))  # type: ignore[arg-type]
+        width, height = image.size
+        views = (self.sample(width, height), self.sample(width, height))
+        pixels = load_reduced(image, draft_factor(views, self.size, self.reducing_gap))
+        # The exact reduction (decoded sides round up), 1 if the JPEG could not be reduced.
+        scale = 1 / round(width / pixels.shape[-1])
+        view_a, view_b = (resized_crop(pixels, v, self.size, self.mode, scale) for v in views)
+        return view_a, view_b
 
 
 @dataclass(frozen=True)

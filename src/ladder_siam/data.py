@@ -52,7 +52,7 @@ class DecodedSample:
     mask: Image.Image | None = None
 
 
-Transform = Callable[[DecodedSample], Any]
+Transform = Callable[[DecodedSample], Any] | Callable[[Sample], Any]
 
 
 def decode_sample(sample: Sample, decode_size: int | None = None) -> DecodedSample:
@@ -73,6 +73,31 @@ def decode_sample(sample: Sample, decode_size: int | None = None) -> DecodedSamp
     instances = json.loads(sample["json"]) if "json" in sample else None
     mask = Image.open(io.BytesIO(sample["png"])) if "png" in sample else None  # type: ignore[arg-type]
     return DecodedSample(str(sample["__key__"]), image, label, instances, mask)
+
+
+def jpeg_size(jpeg: bytes) -> tuple[int, int]:
+    """``(width, height)`` of a JPEG from its header, without decoding it."""
+    return Image.open(io.BytesIO(jpeg)).size
+
+
+def load_reduced(image: Image.Image, reduction: int) -> torch.Tensor:
+    """Decodes an opened JPEG (``Image.open`` read only its header) into uint8 ``[3, H, W]`` RGB.
+
+    Args:
+        image: The opened, not yet loaded JPEG.
+        reduction: 2, 4 or 8 decodes at that fraction of the size (sides rounded up) with
+            libjpeg's DCT scaling, which skips most of the decoding work; 1 at full size.
+    """
+    if reduction > 1:
+        # draft picks the largest power-of-two reduction that keeps at least the given size.
+        image.draft("RGB", (image.width // reduction, image.height // reduction))
+    return pil_to_tensor(image)
+
+
+def pil_to_tensor(image: Image.Image) -> torch.Tensor:
+    """An image as uint8 ``[3, H, W]`` RGB (a view of a channels-last copy of its pixels)."""
+    image = image if image.mode == "RGB" else image.convert("RGB")
+    return torch.from_numpy(np.array(image)).permute(2, 0, 1)
 
 
 class CenterCropResize:
@@ -139,6 +164,8 @@ class ShardDataset(IterableDataset):
         buffer_size: Samples in the shuffle buffer.
         decode_size: Reduced-resolution JPEG decoding target (see :func:`decode_sample`).
         collate: Builds a batch from transformed samples (e.g. a list of detection targets).
+        decode: False hands the transform the raw :data:`Sample`, for transforms that decode
+            it themselves (at a size chosen per sample) or leave decoding to the GPU.
 
     Raises:
         ValueError: The split holds fewer samples than one global batch.
@@ -156,6 +183,7 @@ class ShardDataset(IterableDataset):
         buffer_size: int = 1000,
         decode_size: int | None = None,
         collate: Callable[[list[Any]], Any] = default_collate,
+        decode: bool = True,
     ) -> None:
         super().__init__()
         distributed = dist.is_available() and dist.is_initialized()
@@ -178,6 +206,7 @@ class ShardDataset(IterableDataset):
         self.buffer_size = buffer_size
         self.decode_size = decode_size
         self.collate = collate
+        self.decode = decode
         self.epoch = 0
         self.start_batch = 0
 
@@ -205,19 +234,15 @@ class ShardDataset(IterableDataset):
         for _ in range(skipped * self.batch_size):
             next(samples)
         for batch_index in my_batches[skipped:]:
-            # Transforms draw from torch's RNG; seeding it per batch makes resume exact.
-            torch.manual_seed(
-                int(
-                    np.random.SeedSequence([self.seed, self.epoch, batch_index]).generate_state(1)[
-                        0
-                    ]
-                )
-            )
-            batch = [
-                self.transform(decode_sample(next(samples), self.decode_size))
-                for _ in range(self.batch_size)
-            ]
-            yield self.collate(batch)
+            # Transforms draw from torch's CPU RNG; seeding it per batch makes resume exact.
+            # torch.manual_seed would also seed CUDA's, at a millisecond per call (it records
+            # a stack trace for its lazy initialisation): a tenth of a batch of bytes + crops.
+            state = np.random.SeedSequence([self.seed, self.epoch, batch_index]).generate_state(1)
+            torch.default_generator.manual_seed(int(state[0]))
+            yield self.collate([self._transform(next(samples)) for _ in range(self.batch_size)])
+
+    def _transform(self, sample: Sample) -> Any:
+        return self.transform(decode_sample(sample, self.decode_size) if self.decode else sample)
 
     def _slot_samples(self, slot: int, slots: int) -> Iterator[Sample]:
         """The endless stream of raw samples of one slot, shuffle round after round.

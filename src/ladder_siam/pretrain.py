@@ -3,7 +3,8 @@
 Run with ``python -m ladder_siam.pretrain`` or ``torchrun --nproc-per-node=8 -m
 ladder_siam.pretrain`` (a Kubeflow PyTorchJob runs the latter in every pod). The loop:
 
-1. loader workers decode, random-resized-crop and flip both views (uint8);
+1. loader workers decode, random-resized-crop and flip both views (uint8), or with
+   ``--decode gpu`` only draw the crops, and the device decodes and crops the batch;
 2. on the device, the photometric half of BYOL's augmentation runs batched;
 3. the Ladder loss (all stages) is back-propagated, LARS steps, the EMA target follows;
 4. every ``log_every`` steps: a log line, a ``train_log.jsonl`` record, Prometheus metrics;
@@ -19,6 +20,7 @@ import itertools
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,10 +28,12 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import default_collate
 
 from ladder_siam import checkpoint, distributed, storage
 from ladder_siam.augment import TwoViewCrop, TwoViewPhotometric
-from ladder_siam.data import ShardDataset, make_loader
+from ladder_siam.data import ShardDataset, Transform, make_loader
+from ladder_siam.gpu_decode import JpegBatch, JpegTwoViews, collate_jpegs, decode_views
 from ladder_siam.health import CollapseMonitor, FiniteCheck, NonFiniteLossError
 from ladder_siam.manifest import load_split
 from ladder_siam.metrics import TrainingMetrics
@@ -46,7 +50,7 @@ logger = logging.getLogger(__name__)
 RESUMABLE_CHANGES = frozenset(
     {"shards", "out", "workers", "buffer_size", "log_every", "checkpoint_every",
      "keep_checkpoints", "max_steps", "metrics_port", "compile", "collapse_threshold",
-     "collapse_patience"}
+     "collapse_patience", "decode"}
 )  # fmt: skip
 
 
@@ -94,6 +98,35 @@ def build_optimizer(model: LadderSiam, config: PretrainConfig) -> LARS:
     return LARS(param_groups(online, config.weight_decay), lr=0.0, eta=config.lars_eta)
 
 
+def build_dataset(config: PretrainConfig, rank: int, world_size: int) -> ShardDataset:
+    """This rank's training batches of two uint8 views per image.
+
+    With ``decode="gpu"`` a batch is a :class:`~ladder_siam.gpu_decode.JpegBatch` instead:
+    the images' JPEG bytes and crops, for :func:`views_on_device` to decode.
+    """
+    manifest = load_split(config.shards, "train")
+    per_rank = config.batch_size // (world_size * config.accumulation)
+    crop = TwoViewCrop(config.image_size)
+    transform: Transform = crop.from_jpeg
+    collate: Callable[[list[Any]], Any] = default_collate
+    if config.decode == "gpu":
+        transform, collate = JpegTwoViews(crop), collate_jpegs
+    return ShardDataset(
+        manifest, per_rank, transform, rank, world_size, seed=config.seed,
+        buffer_size=config.buffer_size, collate=collate, decode=False,
+    )  # fmt: skip
+
+
+def views_on_device(
+    batch: tuple[torch.Tensor, torch.Tensor] | JpegBatch, size: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A loader batch as two uint8 ``[B, 3, size, size]`` views on ``device``."""
+    if isinstance(batch, JpegBatch):
+        return decode_views(batch, size, device)
+    view_a, view_b = batch
+    return view_a.to(device, non_blocking=True), view_b.to(device, non_blocking=True)
+
+
 def build_augment(config: PretrainConfig, device: torch.device) -> nn.Module:
     """The photometric half of BYOL's augmentation, on the training device."""
     augment = TwoViewPhotometric().to(device)
@@ -101,7 +134,7 @@ def build_augment(config: PretrainConfig, device: torch.device) -> nn.Module:
 
 
 def training_step(
-    trainer: Trainer, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]
+    trainer: Trainer, micro_batches: list[tuple[torch.Tensor, torch.Tensor] | JpegBatch]
 ) -> LadderOutput:
     """One optimizer step over ``accumulation`` micro-batches; returns their mean output."""
     config, device, step = trainer.config, trainer.env.device, trainer.step
@@ -111,15 +144,13 @@ def training_step(
     per_level: dict[str, torch.Tensor] = {}
     spread: dict[str, torch.Tensor] = {}
     total = torch.zeros((), device=device)
-    for index, (view_a, view_b) in enumerate(micro_batches):
+    for index, batch in enumerate(micro_batches):
         # Augmentation draws from torch's RNG; seeding per step makes a resumed run exact.
         torch.manual_seed(
             int(np.random.SeedSequence([config.seed, step, index]).generate_state(1)[0])
         )
         with torch.no_grad():
-            view_a, view_b = trainer.augment(
-                view_a.to(device, non_blocking=True), view_b.to(device, non_blocking=True)
-            )
+            view_a, view_b = trainer.augment(*views_on_device(batch, config.image_size, device))
         if config.channels_last:
             view_a = view_a.contiguous(memory_format=torch.channels_last)
             view_b = view_b.contiguous(memory_format=torch.channels_last)
@@ -167,10 +198,12 @@ def train_one_epoch(
         interval.append(
             torch.stack([output.loss, *output.per_level.values(), *output.output_std.values()])
         )
-        batch = sum(views[0].shape[0] for views in micro_batches) * trainer.env.world_size
-        images += batch
+        # The loader yields whole batches only, so every step is one global batch.
+        images += config.batch_size
         data_wait += waited
-        trainer.metrics.record_step(batch, time.perf_counter() - step_start + waited, waited)
+        trainer.metrics.record_step(
+            config.batch_size, time.perf_counter() - step_start + waited, waited
+        )
         progress.update(1)
         if trainer.step % config.log_every == 0 or trainer.step == trainer.total_steps:
             finite.check()
@@ -282,12 +315,7 @@ def pretrain(config: PretrainConfig) -> str:
 
 def _run(config: PretrainConfig, env: distributed.DistributedEnv) -> str:
     torch.manual_seed(config.seed)
-    manifest = load_split(config.shards, "train")
-    per_rank = config.batch_size // (env.world_size * config.accumulation)
-    dataset = ShardDataset(
-        manifest, per_rank, TwoViewCrop(config.image_size), env.rank, env.world_size,
-        seed=config.seed, buffer_size=config.buffer_size, decode_size=config.image_size,
-    )  # fmt: skip
+    dataset = build_dataset(config, env.rank, env.world_size)
     steps_per_epoch = dataset.batches_per_epoch // config.accumulation
     if steps_per_epoch == 0:
         raise ValueError(

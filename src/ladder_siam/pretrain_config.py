@@ -21,6 +21,7 @@ from ladder_siam.losses import ladder_weights
 from ladder_siam.models import parse_levels
 
 PRECISIONS = ("fp32", "bf16")
+DECODERS = ("cpu", "gpu")
 
 
 @dataclass
@@ -55,6 +56,7 @@ class PretrainConfig:
     compile: bool = False
     sync_bn: bool = False
     workers: int = 8
+    decode: str = "cpu"
     buffer_size: int = 1000
     seed: int = 0
     log_every: int = 50
@@ -85,6 +87,7 @@ class PretrainConfig:
                 self.precision in PRECISIONS,
                 f"--precision {self.precision!r}: expected fp32 or bf16",
             ),
+            (self.decode in DECODERS, f"--decode {self.decode!r}: expected cpu or gpu"),
             (self.image_size >= 16, f"--image-size {self.image_size}: at least 16 px"),
             (self.epochs >= 1, f"--epochs {self.epochs}: at least 1"),
             (self.accumulation >= 1, f"--accumulation {self.accumulation}: at least 1"),
@@ -167,6 +170,9 @@ HELP = {
     "compile": "torch.compile the training step",
     "sync_bn": "synchronise BatchNorm statistics across GPUs",
     "workers": "data-loader processes per GPU",
+    "decode": "where JPEGs are decoded: cpu (loader workers decode and crop; reduced-size "
+    "decoding) or gpu (workers only draw the crops; the training device decodes the batch "
+    "with nvjpeg and crops it: for when the CPU cores cannot keep the GPU busy)",
     "buffer_size": "samples in each loader worker's shuffle buffer",
     "seed": "seed of initialisation, data order and augmentation",
     "log_every": "steps per log line / train_log.jsonl entry / metrics update",
