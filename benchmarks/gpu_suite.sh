@@ -2,11 +2,12 @@
 # One prepared run of the GPU benchmarks, for a lent GPU machine (torch preinstalled; the
 # package runs from src/ without installation). Results land in $OUT (or ./gpu_results).
 # Cheapest and most important first, so a run cut short still returns the key numbers.
-# The end-to-end benchmark renders shards, which needs pycocotools, prometheus-client, pyyaml
-# and tqdm beside torch: fetch their wheels once into .whl/ (git-ignored; carry it):
+# The end-to-end benchmark renders demo shards, which needs pycocotools; the GPU image has
+# the rest (prometheus-client, pyyaml, tqdm). Fetch its wheel once into .whl/ (git-ignored)
+# and name .whl in the run's carry:
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
 #     --implementation cp --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-#     -d .whl pycocotools prometheus-client pyyaml tqdm
+#     -d .whl pycocotools
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-gpu_results}"
