@@ -268,6 +268,14 @@ def parse_args() -> argparse.Namespace:
         f"{CPU_PRESET.name})",
     )  # fmt: skip
     parser.add_argument("--seed", type=int, default=0, help="the same for every method")
+    parser.add_argument(
+        "--fashion-mnist-dir", type=Path, default=Path("/usr/share/datasets/fashion-mnist"),
+        help="the four gzipped IDX files (default: where Debian's package puts them)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--pretrain-arg", action="append", default=[],
+        help="extra pretrain flag, repeatable (e.g. --pretrain-arg=--compile --pretrain-arg=false)",
+    )  # fmt: skip
     parser.add_argument("--probe-epochs", type=int, default=100, help="the paper's: 100")
     parser.add_argument("--analysis-count", type=int, default=256, help="images for Fig. 3")
     args = parser.parse_args()
@@ -294,7 +302,9 @@ def main() -> None:
     raw = out / "data" / "fashion-mnist"
     timings["import"] = 0.0
     if not (raw / "README.md").exists():
-        timings["import"] = cli("import-fashion-mnist", "--dest", raw)
+        timings["import"] = cli(
+            "import-fashion-mnist", "--dest", raw, "--source-dir", args.fashion_mnist_dir
+        )
     source = raw
     if args.train_limit is not None and args.train_limit < 60_000:
         source = balanced_subset(
@@ -315,14 +325,14 @@ def main() -> None:
         pretrain_seconds[method] = cli(
             "pretrain", "--config", args.config, "--method", method, "--shards", shards,
             "--out", run, "--epochs", epochs, "--batch-size", batch_size,
-            "--workers", workers, "--seed", args.seed,
+            "--workers", workers, "--seed", args.seed, *args.pretrain_arg,
         )  # fmt: skip
         probe_seconds[method] = probe(run, shards, preset, args, workers)
     control = out / "runs" / CONTROL
     pretrain_seconds[CONTROL] = cli(
         "pretrain", "--config", args.config, "--method", "byol", "--shards", shards,
         "--out", control, "--epochs", epochs, "--batch-size", batch_size, "--max-steps", 1,
-        "--workers", workers, "--seed", args.seed,
+        "--workers", workers, "--seed", args.seed, *args.pretrain_arg,
     )  # fmt: skip
     probe_seconds[CONTROL] = probe(control, shards, preset, args, workers)
 
