@@ -32,16 +32,12 @@ import time
 from pathlib import Path
 
 import torch
+from bench_step import VARIANTS, add_model_arguments  # this folder is on sys.path
 
 from ladder_siam.demo_data import make_demo_data
 from ladder_siam.prepare_shards import prepare_shards
 
 HERE = Path(__file__).resolve().parent
-VARIANTS = {  # as in bench_step.py
-    "fp32": ("fp32", "false", "false"),
-    "bf16-cl": ("bf16", "true", "false"),
-    "bf16-cl-compiled": ("bf16", "true", "true"),
-}
 
 
 def shards(data: Path, images: int, size: int) -> str:
@@ -133,8 +129,10 @@ def _model_flags(args: argparse.Namespace, step_flags: bool) -> list[str]:
     flags += ["--projection-dim", str(args.projection_dim)]
     if step_flags:
         return flags + (["--small-input"] if args.small_input else [])
-    precision, channels_last, compiled = VARIANTS[args.variant]
-    flags += ["--precision", precision, "--channels-last", channels_last, "--compile", compiled]
+    variant = VARIANTS[args.variant]
+    flags += ["--precision", variant["precision"]]
+    flags += ["--channels-last", str(variant["channels_last"]).lower()]
+    flags += ["--compile", str(variant["compile"]).lower()]
     return [*flags, "--small-input", "true" if args.small_input else "false"]
 
 
@@ -142,12 +140,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--method", default="ladder-byol")
     parser.add_argument("--variant", choices=list(VARIANTS), default="bf16-cl-compiled")
-    parser.add_argument("--arch", default="resnet50")
-    parser.add_argument("--small-input", action="store_true")
-    parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--batch-size", type=int, default=256, help="per GPU")
-    parser.add_argument("--hidden-dim", type=int, default=4096)
-    parser.add_argument("--projection-dim", type=int, default=256)
+    add_model_arguments(parser)
     parser.add_argument("--images", type=int, default=4000, help="JPEGs to render and shard")
     parser.add_argument("--size", type=int, default=400, help="their side in px (ImageNet ~400)")
     parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)) - 2)

@@ -109,14 +109,19 @@ def summarize(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model and batch options, shared with bench_e2e.py so both measure the same step."""
     parser.add_argument("--arch", default="resnet50")
     parser.add_argument("--small-input", action="store_true")
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--batch-size", type=int, default=256, help="per GPU")
     parser.add_argument("--hidden-dim", type=int, default=4096)
     parser.add_argument("--projection-dim", type=int, default=256)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_model_arguments(parser)
     parser.add_argument("--steps", type=int, default=20, help="timed steps")
     parser.add_argument(
         "--warmup", type=int, default=5, help="untimed steps (compilation, cuDNN autotuning)"
