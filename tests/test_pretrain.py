@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +15,7 @@ from system_tools import free_port, require_tool
 
 from ladder_siam import pretrain as pretrain_module
 from ladder_siam.backbones import torchvision_resnet
-from ladder_siam.checkpoint import list_checkpoints
+from ladder_siam.checkpoint import check_resumable, list_checkpoints
 from ladder_siam.cli import main as cli
 from ladder_siam.demo_data import make_demo_data
 from ladder_siam.health import NonFiniteLossError
@@ -140,6 +142,8 @@ def test_bad_settings_fail_before_any_work(
     assert "--decode 'nvjpeg'" in caplog.text
     assert cli([*args, "--levels", "GGXG"]) == 2
     assert "method 'GGXG'" in caplog.text
+    assert cli([*args, "--sync-bn-scope", "rack"]) == 2
+    assert "--sync-bn-scope 'rack'" in caplog.text
     assert not out.exists()
 
 
@@ -160,7 +164,7 @@ def _train_args(shards: str, out: Path) -> list[str]:
 def test_two_process_gloo_run(shards: str, tmp_path: Path) -> None:
     command = _torchrun("--nproc-per-node=2", f"--master-port={free_port()}")
     result = subprocess.run(
-        [*command, *_train_args(shards, tmp_path)],
+        [*command, *_train_args(shards, tmp_path), "--sync-bn", "true"],
         capture_output=True,
         text=True,
         timeout=300,
@@ -168,6 +172,7 @@ def test_two_process_gloo_run(shards: str, tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "on 2 x cpu" in result.stderr
+    assert "--sync-bn has no effect on cpu" in result.stderr, "a GPU preset still runs on CPU"
     assert (tmp_path / "backbone.pt").exists()
     assert [r["step"] for r in read_train_log(str(tmp_path))] == [2, 4]
 
@@ -190,6 +195,44 @@ def test_two_node_run_on_loopback(shards: str, tmp_path: Path) -> None:
     )
     assert "on 2 x cpu" in outputs[0][1]
     assert (tmp_path / "backbone.pt").exists()
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    ("scope", "expected"), [("node", [[0, 1], [2, 3]]), ("all", [[0, 1, 2, 3]])]
+)
+def test_sync_bn_scope_groups_the_ranks_of_each_node(scope: str, expected: list) -> None:
+    """Two nodes of two processes on loopback: a node's ranks share BN statistics, or all do."""
+    torchrun = require_tool(str(Path(sys.executable).parent / "torchrun"))
+    script = str(Path(__file__).parent / "sync_bn_groups.py")
+    port = free_port()
+    nodes = []
+    for rank in range(2):
+        command = [torchrun, "--nnodes=2", f"--node-rank={rank}", "--nproc-per-node=2"]
+        command += ["--master-addr=127.0.0.1", f"--master-port={port}", script, scope]
+        nodes.append(
+            subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        )
+    outputs = [node.communicate(timeout=300) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs[0][1][-3000:]
+    reports = sorted(
+        (json.loads(line) for out, _ in outputs for line in out.splitlines()),
+        key=lambda report: report["rank"],
+    )
+    assert [r["rank"] for r in reports] == [0, 1, 2, 3]
+    for report in reports:
+        assert report["synced"] == report["norms"] > 0, "every BN layer, heads and target too"
+        mine = [group for group in expected if report["rank"] in group]
+        assert report["groups"] == mine
+
+
+def test_resume_accepts_a_checkpoint_from_before_a_new_setting(tmp_path: Path) -> None:
+    config = PretrainConfig(shards="-", out=str(tmp_path))
+    older = dataclasses.asdict(config)
+    del older["sync_bn_scope"]
+    check_resumable(older, config, frozenset())
+    with pytest.raises(ValueError, match="sync_bn_scope: 'all' -> 'node'"):
+        check_resumable(older, dataclasses.replace(config, sync_bn_scope="node"), frozenset())
 
 
 @pytest.mark.integration

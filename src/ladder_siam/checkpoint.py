@@ -85,6 +85,8 @@ def check_resumable(saved: dict[str, Any], config: Any, may_change: frozenset[st
         ValueError: Listing each changed setting with its old and new value.
     """
     current = dataclasses.asdict(config)
+    # A setting added after the checkpoint was written ran with its default.
+    saved = {**_field_defaults(config), **saved}
     changed = sorted(k for k in current if k not in may_change and saved.get(k) != current[k])
     if changed:
         details = ", ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in changed)
@@ -106,3 +108,11 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["cpu"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _field_defaults(config: Any) -> dict[str, Any]:
+    return {
+        field.name: field.default
+        for field in dataclasses.fields(config)
+        if field.default is not dataclasses.MISSING
+    }

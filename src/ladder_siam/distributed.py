@@ -63,6 +63,22 @@ def setup(timeout_minutes: float = 30.0) -> DistributedEnv:
     return DistributedEnv(rank, local_rank, world_size, device)
 
 
+def batchnorm_group(scope: str) -> dist.ProcessGroup | None:
+    """The process group whose ranks share SyncBatchNorm statistics with this rank.
+
+    ``"all"`` (or a single-process run) is every rank: ``None``, PyTorch's default group.
+    ``"node"`` is the ranks of this node: torchrun numbers a node's ``LOCAL_WORLD_SIZE``
+    processes consecutively, so blocks of that many ranks are the nodes, and their SyncBN
+    all-reduces stay on NVLink. Every rank must call this (groups are created collectively).
+    """
+    world_size = dist.get_world_size() if dist.is_initialized() else 1
+    node_size = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    if scope == "all" or node_size == world_size:
+        return None
+    group, _ = dist.new_subgroups(group_size=node_size)
+    return group
+
+
 def cleanup() -> None:
     """Leaves the process group, if any."""
     if dist.is_initialized():

@@ -73,8 +73,16 @@ class Trainer:
     step: int = 0
 
 
-def build_model(config: PretrainConfig, device: torch.device) -> LadderSiam:
-    """The Ladder Siamese model for ``config`` on ``device``."""
+def build_model(
+    config: PretrainConfig,
+    device: torch.device,
+    batchnorm_group: torch.distributed.ProcessGroup | None = None,
+) -> LadderSiam:
+    """The Ladder Siamese model for ``config`` on ``device``.
+
+    With ``sync_bn`` every BatchNorm layer becomes a SyncBatchNorm over ``batchnorm_group``
+    (``None``: all ranks).
+    """
     model = LadderSiam(
         config.arch,
         config.levels,
@@ -85,7 +93,7 @@ def build_model(config: PretrainConfig, device: torch.device) -> LadderSiam:
         dense_dim=config.dense_dim,
     )
     if config.sync_bn:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model, batchnorm_group)
     model = model.to(device)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -325,7 +333,13 @@ def _run(config: PretrainConfig, env: distributed.DistributedEnv) -> str:
     total_steps = min(schedule_steps, config.max_steps or schedule_steps)
     warmup = min(round(config.warmup_epochs * steps_per_epoch), schedule_steps)
 
-    model = build_model(config, env.device)
+    # PyTorch's SyncBatchNorm refuses CPU tensors: CPU runs keep per-process statistics, as
+    # the evaluations do.
+    sync_bn = config.sync_bn and env.device.type == "cuda"
+    if config.sync_bn and not sync_bn and env.is_main:
+        logger.warning("--sync-bn has no effect on %s: BatchNorm stays per process", env.device)
+    group = distributed.batchnorm_group(config.sync_bn_scope) if sync_bn else None
+    model = build_model(dataclasses.replace(config, sync_bn=sync_bn), env.device, group)
     step_model: nn.Module = model
     if env.world_size > 1:
         step_model = DistributedDataParallel(

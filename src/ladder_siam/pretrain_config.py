@@ -22,6 +22,7 @@ from ladder_siam.models import parse_levels
 
 PRECISIONS = ("fp32", "bf16")
 DECODERS = ("cpu", "gpu")
+SYNC_BN_SCOPES = ("all", "node")
 
 
 @dataclass
@@ -55,6 +56,7 @@ class PretrainConfig:
     channels_last: bool = True
     compile: bool = False
     sync_bn: bool = False
+    sync_bn_scope: str = "all"
     workers: int = 8
     decode: str = "cpu"
     buffer_size: int = 1000
@@ -104,6 +106,10 @@ class PretrainConfig:
             (self.checkpoint_every >= 1, f"--checkpoint-every {self.checkpoint_every}: at least 1"),
             (self.keep_checkpoints >= 1, f"--keep-checkpoints {self.keep_checkpoints}: at least 1"),
             (self.max_steps is None or self.max_steps >= 1, "--max-steps: at least 1"),
+            (
+                self.sync_bn_scope in SYNC_BN_SCOPES,
+                f"--sync-bn-scope {self.sync_bn_scope!r}: expected all or node",
+            ),
             (
                 self.weights is None or (len(self.weights) == 4 and min(self.weights) >= 0),
                 f"--weights {self.weights}: four non-negative numbers for res2..res5",
@@ -168,7 +174,11 @@ HELP = {
     "precision": "fp32, or bf16 autocast (GPUs)",
     "channels_last": "NHWC memory format (faster convolutions on tensor cores)",
     "compile": "torch.compile the training step",
-    "sync_bn": "synchronise BatchNorm statistics across GPUs",
+    "sync_bn": "synchronise BatchNorm statistics across GPUs (BYOL's cross-replica BN; CPU "
+    "runs keep per-process BN: PyTorch's SyncBatchNorm needs GPUs)",
+    "sync_bn_scope": "ranks that share SyncBN statistics: all (BYOL's cross-replica BN) or node "
+    "(each pod's GPUs: the ~250 small all-reduces per step stay on NVLink instead of the "
+    "network; see BENCHMARKS.md, multi-node scaling)",
     "workers": "data-loader processes per GPU",
     "decode": "where JPEGs are decoded: cpu (loader workers decode and crop; reduced-size "
     "decoding) or gpu (workers only draw the crops; the training device decodes the batch "
