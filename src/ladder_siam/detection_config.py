@@ -10,11 +10,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from bisect import bisect_right
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 from ladder_siam.backbones import ARCHS
-from ladder_siam.flags import parse_bool
+from ladder_siam.flags import add_config_flags, explicit_flags
 
 PRECISIONS = ("fp32", "bf16")
 # One anchor size per FPN level: P2..P5 and the max-pooled P6 (Lin et al., FPN, Sec. 4.1).
@@ -214,31 +214,9 @@ HELP = {
 }
 
 
-def _int_tuple(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(part) for part in text.split(",") if part.strip())
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected integers like 32,64") from error
-
-
-_TYPES: dict[str, Any] = {
-    "bool": parse_bool,
-    "int": int,
-    "int | None": int,
-    "float": float,
-    "tuple[int, ...]": _int_tuple,
-}
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Adds one flag per field; unset flags stay out of the namespace (the preset applies)."""
-    for field in fields(DetectionConfig):
-        flag = "--" + field.name.replace("_", "-")
-        kind = _TYPES.get(str(field.type), str)
-        choices = list(PRESETS) if field.name == "preset" else None
-        parser.add_argument(
-            flag, type=kind, choices=choices, default=argparse.SUPPRESS, help=HELP[field.name]
-        )
+    add_config_flags(parser, DetectionConfig, HELP, choices={"preset": list(PRESETS)})
 
 
 def make_config(preset: str = "coco-1x", **overrides: Any) -> DetectionConfig:
@@ -254,9 +232,8 @@ def make_config(preset: str = "coco-1x", **overrides: Any) -> DetectionConfig:
 
 def config_from_args(args: argparse.Namespace) -> DetectionConfig:
     """Merges the defaults, the ``--preset`` and explicit flags."""
-    names = {field.name for field in fields(DetectionConfig)} - {"preset"}
-    overrides = {k: v for k, v in vars(args).items() if k in names}
-    return make_config(getattr(args, "preset", "coco-1x"), **overrides)
+    overrides = explicit_flags(args, DetectionConfig)
+    return make_config(overrides.pop("preset", "coco-1x"), **overrides)
 
 
 def changed_settings(saved: dict[str, Any], config: DetectionConfig) -> list[str]:

@@ -1,8 +1,17 @@
-"""Value types for the step commands' flags, shared so every command reads them alike."""
+"""Command-line flags for the steps' config dataclasses, built alike for every command.
+
+Each field of a config dataclass is one flag (``batch_size`` → ``--batch-size``), typed from
+the field's annotation and explained by the config's help table. Unset flags stay out of the
+parsed namespace (``default=SUPPRESS``), so a preset's value applies unless a flag overrides
+it: defaults < preset < explicit flags.
+"""
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable, Sequence
+from dataclasses import fields
+from typing import Any
 
 TRUE = frozenset({"1", "true", "yes", "on"})
 FALSE = frozenset({"0", "false", "no", "off"})
@@ -19,3 +28,55 @@ def parse_bool(text: str) -> bool:
     if text.lower() in FALSE:
         return False
     raise argparse.ArgumentTypeError(f"{text!r}: expected true or false")
+
+
+def parse_int_tuple(text: str) -> tuple[int, ...]:
+    """Parses comma-separated integers such as ``32,64,128``."""
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected integers like 32,64") from error
+
+
+# Parsers by annotation (the configs use ``from __future__ import annotations``, so a field's
+# type is its annotation's text); anything else is read as a string.
+_PARSERS: dict[str, Callable[[str], Any]] = {
+    "bool": parse_bool,
+    "int": int,
+    "int | None": int,
+    "float": float,
+    "tuple[int, ...]": parse_int_tuple,
+}
+
+
+def add_config_flags(
+    parser: argparse.ArgumentParser,
+    config_type: type,
+    help_texts: dict[str, str],
+    parsers: dict[str, Callable[[str], Any]] | None = None,
+    choices: dict[str, Sequence[str]] | None = None,
+) -> None:
+    """Adds one flag per field of the dataclass ``config_type``.
+
+    Args:
+        parser: Gets the flags.
+        config_type: A dataclass whose every field has an entry in ``help_texts``.
+        help_texts: Help per field name.
+        parsers: Parsers for fields whose annotation alone does not say how to read them.
+        choices: Allowed values per field name, for argparse to check.
+    """
+    for field in fields(config_type):
+        parse = (parsers or {}).get(field.name) or _PARSERS.get(str(field.type), str)
+        parser.add_argument(
+            "--" + field.name.replace("_", "-"),
+            type=parse,
+            choices=(choices or {}).get(field.name),
+            default=argparse.SUPPRESS,
+            help=help_texts[field.name],
+        )
+
+
+def explicit_flags(args: argparse.Namespace, config_type: type) -> dict[str, Any]:
+    """The config fields set by a flag on the command line (unset ones are absent)."""
+    names = {field.name for field in fields(config_type)}
+    return {name: value for name, value in vars(args).items() if name in names}

@@ -16,7 +16,7 @@ import yaml
 
 from ladder_siam import storage
 from ladder_siam.backbones import ARCHS
-from ladder_siam.flags import parse_bool
+from ladder_siam.flags import add_config_flags, explicit_flags
 from ladder_siam.losses import ladder_weights
 from ladder_siam.models import parse_levels
 
@@ -202,14 +202,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--levels", dest="method", default=argparse.SUPPRESS,
         help="loss kinds res2..res5 as a string like DDGG (an alternative to --method)",
     )  # fmt: skip
-    for field in fields(PretrainConfig):
-        flag = "--" + field.name.replace("_", "-")
-        kind: Any = {"bool": parse_bool, "int": int, "float": float}.get(str(field.type), str)
-        if field.name == "weights":
-            kind = _parse_weights
-        elif field.name in ("max_steps", "metrics_port"):
-            kind = int
-        parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=HELP[field.name])
+    add_config_flags(parser, PretrainConfig, HELP, parsers={"weights": _parse_weights})
 
 
 def config_from_args(args: argparse.Namespace) -> PretrainConfig:
@@ -217,8 +210,7 @@ def config_from_args(args: argparse.Namespace) -> PretrainConfig:
     values: dict[str, Any] = {}
     if getattr(args, "config", None):
         values.update(load_preset(args.config))
-    names = {field.name for field in fields(PretrainConfig)}
-    values.update({k: v for k, v in vars(args).items() if k in names})
+    values.update(explicit_flags(args, PretrainConfig))
     if values.get("metrics_port") == 0:
         values["metrics_port"] = None
     return dataclasses.replace(PretrainConfig(), **values)

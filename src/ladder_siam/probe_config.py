@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 from ladder_siam.backbones import ARCHS, STAGES
-from ladder_siam.flags import parse_bool
+from ladder_siam.flags import add_config_flags, explicit_flags
 
 PROTOCOLS = ("fast", "standard")
 
@@ -183,21 +183,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="paper: the published protocol (default); tiny: few epochs at 32 px for the "
         "demo and tests; explicit flags override either",
     )
-    kinds: dict[str, Any] = {"bool": parse_bool, "int": int, "float": float, "int | None": int}
-    for field in fields(ProbeConfig):
-        kind = _stages if field.name == "stages" else kinds.get(str(field.type), str)
-        parser.add_argument(
-            "--" + field.name.replace("_", "-"),
-            type=kind,
-            choices=PROTOCOLS if field.name == "protocol" else None,
-            default=argparse.SUPPRESS,
-            help=HELP[field.name],
-        )
+    add_config_flags(
+        parser, ProbeConfig, HELP, parsers={"stages": _stages}, choices={"protocol": PROTOCOLS}
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> ProbeConfig:
     """Merges the defaults, the preset and the explicit flags."""
     values = dict(PRESETS[getattr(args, "preset", "paper")])
-    names = {field.name for field in fields(ProbeConfig)}
-    values.update({key: value for key, value in vars(args).items() if key in names})
+    values.update(explicit_flags(args, ProbeConfig))
     return dataclasses.replace(ProbeConfig(), **values)

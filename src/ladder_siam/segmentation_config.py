@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from ladder_siam.backbones import ARCHS
-from ladder_siam.flags import parse_bool
+from ladder_siam.flags import add_config_flags, explicit_flags
 
 PRECISIONS = ("fp32", "bf16")
 EVAL_MODES = ("whole", "slide")
@@ -195,14 +195,8 @@ def _pair(kind: type) -> Any:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per field; unset flags stay out of the namespace, so presets apply."""
-    kinds: dict[str, Any] = {
-        "bool": parse_bool, "int": int, "float": float,
-        "list[int]": _pair(int), "list[float]": _pair(float),
-    }  # fmt: skip
-    for item in fields(SegmentationConfig):
-        flag = "--" + item.name.replace("_", "-")
-        kind = kinds.get(str(item.type), str)
-        parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=HELP[item.name])
+    pairs = {"scale": _pair(int), "ratio_range": _pair(float)}
+    add_config_flags(parser, SegmentationConfig, HELP, parsers=pairs)
 
 
 def preset_config(preset: str, **overrides: Any) -> SegmentationConfig:
@@ -224,6 +218,5 @@ def config_from_args(args: argparse.Namespace) -> SegmentationConfig:
     Raises:
         ValueError: The preset is unknown.
     """
-    names = {item.name for item in fields(SegmentationConfig)}
-    values = {k: v for k, v in vars(args).items() if k in names}
+    values = explicit_flags(args, SegmentationConfig)
     return preset_config(values.pop("preset", SegmentationConfig.preset), **values)
