@@ -22,6 +22,7 @@ def check_inputs(
     batch_size: int,
     nodes: int,
     gpus_per_node: int,
+    sync_bn_scope: str,
     image: str,
     namespace: str,
     s3_secret: str,

@@ -92,6 +92,7 @@ def ladder_siam_pipeline(
     batch_size: int = 4096,
     nodes: int = 4,
     gpus_per_node: int = 8,
+    sync_bn_scope: str = "all",
     image: str = IMAGE,
     namespace: str = "",
     s3_secret: str = "ladder-siam-s3",
@@ -125,6 +126,8 @@ def ladder_siam_pipeline(
         batch_size: Global batch over all GPUs; must divide by nodes x gpus_per_node.
         nodes: PyTorchJob pods (one Master, the rest Workers).
         gpus_per_node: GPUs and training processes per pod.
+        sync_bn_scope: GPUs that share BatchNorm statistics when the preset syncs them: all
+            (BYOL's) or node (each pod's; cheaper across nodes, see BENCHMARKS.md).
         image: Image of the PyTorchJob's pods (the steps' image is fixed at compile time).
         namespace: Namespace of the PyTorchJob; empty: the pipeline's own namespace.
         s3_secret: Secret with AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL,
@@ -161,6 +164,7 @@ def ladder_siam_pipeline(
             batch_size=batch_size,
             nodes=nodes,
             gpus_per_node=gpus_per_node,
+            sync_bn_scope=sync_bn_scope,
             image=image,
             namespace=namespace,
             s3_secret=s3_secret,

@@ -216,7 +216,9 @@ def through_kfp(value: dict[str, Any]) -> dict[str, Any]:
 def test_the_pretrain_step_launches_four_nodes_of_eight_gpus_that_match_the_crd(
     sources: Path, tmp_path: Path
 ) -> None:
-    plan = plan_run(inputs(sources, tmp_path, run_name="R50 Ladder_200ep"), "ignored")
+    plan = plan_run(
+        inputs(sources, tmp_path, run_name="R50 Ladder_200ep", sync_bn_scope="node"), "ignored"
+    )
     assert plan.run_name == "r50-ladder-200ep"
     job = build_pytorchjob(launch_config_from_dict(through_kfp(plan.launch)))
 
@@ -239,6 +241,7 @@ def test_the_pretrain_step_launches_four_nodes_of_eight_gpus_that_match_the_crd(
     shards = command[command.index("--shards") + 1]
     assert shards == plan.datasets["pretrain"].dest
     assert command[command.index("--out") + 1] == str(tmp_path / "runs" / "r50-ladder-200ep")
+    assert command[command.index("--sync-bn-scope") + 1] == "node"
     assert job["spec"]["runPolicy"]["activeDeadlineSeconds"] == 168 * 3600
 
 
@@ -269,6 +272,8 @@ def test_every_bad_parameter_is_reported_at_once_before_any_work(
     assert "image 'ladder-siam:latest': pin a tag" in str(error.value)
     with pytest.raises(ValueError, match="method 'simclr'"):
         plan_run(inputs(sources, tmp_path, method="simclr"), "job")
+    with pytest.raises(ValueError, match="--sync-bn-scope 'rack': expected all or node"):
+        plan_run(inputs(sources, tmp_path, sync_bn_scope="rack"), "job")
 
 
 def test_the_fingerprint_follows_the_source_listing(sources: Path, tmp_path: Path) -> None:
