@@ -92,7 +92,7 @@ def ladder_siam_pipeline(
     batch_size: int = 4096,
     nodes: int = 4,
     gpus_per_node: int = 8,
-    sync_bn_scope: str = "all",
+    sync_bn_scope: str = "",
     image: str = IMAGE,
     namespace: str = "",
     s3_secret: str = "ladder-siam-s3",
@@ -127,7 +127,8 @@ def ladder_siam_pipeline(
         nodes: PyTorchJob pods (one Master, the rest Workers).
         gpus_per_node: GPUs and training processes per pod.
         sync_bn_scope: GPUs that share BatchNorm statistics when the preset syncs them: all
-            (BYOL's) or node (each pod's; cheaper across nodes, see BENCHMARKS.md).
+            (BYOL's) or node (each pod's; cheaper across nodes, see BENCHMARKS.md); empty:
+            the preset's.
         image: Image of the PyTorchJob's pods (the steps' image is fixed at compile time).
         namespace: Namespace of the PyTorchJob; empty: the pipeline's own namespace.
         s3_secret: Secret with AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL,

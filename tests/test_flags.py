@@ -65,3 +65,12 @@ def test_unset_flags_stay_out_so_a_preset_applies() -> None:
 def test_bad_values_are_refused_naming_the_value(argv: list[str], message: str) -> None:
     with pytest.raises(argparse.ArgumentError, match=message):
         parser().parse_args(argv)
+
+
+def test_a_field_without_a_parser_is_refused_rather_than_read_as_text() -> None:
+    @dataclass
+    class Labels:
+        names: dict[str, str] | None = None
+
+    with pytest.raises(TypeError, match=r"Labels.names: no parser"):
+        add_config_flags(argparse.ArgumentParser(), Labels, {"names": "label names"})

@@ -245,6 +245,15 @@ def test_the_pretrain_step_launches_four_nodes_of_eight_gpus_that_match_the_crd(
     assert job["spec"]["runPolicy"]["activeDeadlineSeconds"] == 168 * 3600
 
 
+def test_an_empty_sync_bn_scope_leaves_the_presets_own(sources: Path, tmp_path: Path) -> None:
+    preset = tmp_path / "node.yaml"
+    paper = (REPO / "configs" / "ladder-byol_r50_in1k_200ep.yaml").read_text()
+    preset.write_text(paper + "sync_bn_scope: node\n")
+    plan = plan_run(inputs(sources, tmp_path, pretrain_config=str(preset)), "job")
+    command = build_pytorchjob(launch_config_from_dict(plan.launch))["spec"]
+    assert "--sync-bn-scope" not in str(command), "the preset decides"
+
+
 def test_every_bad_parameter_is_reported_at_once_before_any_work(
     sources: Path, tmp_path: Path
 ) -> None:

@@ -85,7 +85,8 @@ def check_resumable(saved: dict[str, Any], config: Any, may_change: frozenset[st
         ValueError: Listing each changed setting with its old and new value.
     """
     current = dataclasses.asdict(config)
-    # A setting added after the checkpoint was written ran with its default.
+    # A setting added after the checkpoint was written counts as its default, which a new
+    # setting must keep equal to the behaviour before it.
     saved = {**_field_defaults(config), **saved}
     changed = sorted(k for k in current if k not in may_change and saved.get(k) != current[k])
     if changed:
@@ -111,8 +112,10 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def _field_defaults(config: Any) -> dict[str, Any]:
-    return {
-        field.name: field.default
-        for field in dataclasses.fields(config)
-        if field.default is not dataclasses.MISSING
-    }
+    defaults = {}
+    for field in dataclasses.fields(config):
+        if field.default is not dataclasses.MISSING:
+            defaults[field.name] = field.default
+        elif field.default_factory is not dataclasses.MISSING:
+            defaults[field.name] = field.default_factory()
+    return defaults

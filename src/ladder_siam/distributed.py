@@ -72,10 +72,15 @@ def batchnorm_group(scope: str) -> dist.ProcessGroup | None:
     all-reduces stay on NVLink. Every rank must call this (groups are created collectively).
     """
     world_size = dist.get_world_size() if dist.is_initialized() else 1
-    node_size = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
-    if scope == "all" or node_size == world_size:
+    if scope == "all" or world_size == 1:
+        return None
+    if "LOCAL_WORLD_SIZE" not in os.environ:
+        raise ValueError("--sync-bn-scope node: LOCAL_WORLD_SIZE is not set; launch with torchrun")
+    node_size = int(os.environ["LOCAL_WORLD_SIZE"])
+    if node_size == world_size:
         return None
     group, _ = dist.new_subgroups(group_size=node_size)
+    logger.info("SyncBN statistics shared by ranks %s", dist.get_process_group_ranks(group))
     return group
 
 

@@ -39,7 +39,8 @@ def parse_int_tuple(text: str) -> tuple[int, ...]:
 
 
 # Parsers by annotation (the configs use ``from __future__ import annotations``, so a field's
-# type is its annotation's text); anything else is read as a string.
+# type is its annotation's text); strings are read as they are, and any other annotation needs
+# a parser of its field's own.
 _PARSERS: dict[str, Callable[[str], Any]] = {
     "bool": parse_bool,
     "int": int,
@@ -64,9 +65,17 @@ def add_config_flags(
         help_texts: Help per field name.
         parsers: Parsers for fields whose annotation alone does not say how to read them.
         choices: Allowed values per field name, for argparse to check.
+
+    Raises:
+        TypeError: A field that is not a string has no parser (a new field's type would
+            otherwise be read as a string without a word).
     """
     for field in fields(config_type):
-        parse = (parsers or {}).get(field.name) or _PARSERS.get(str(field.type), str)
+        parse = (parsers or {}).get(field.name) or _PARSERS.get(str(field.type))
+        if parse is None:
+            if str(field.type) not in ("str", "str | None"):
+                raise TypeError(f"{config_type.__name__}.{field.name}: no parser for {field.type}")
+            parse = str
         parser.add_argument(
             "--" + field.name.replace("_", "-"),
             type=parse,

@@ -51,7 +51,7 @@ class PipelineInputs:
     batch_size: int = 4096
     nodes: int = 4
     gpus_per_node: int = 8
-    sync_bn_scope: str = "all"
+    sync_bn_scope: str = ""
     image: str = IMAGE
     namespace: str = ""
     s3_secret: str = "ladder-siam-s3"
@@ -261,7 +261,8 @@ def pretrain_args(inputs: PipelineInputs, shards: str, out: str) -> list[str]:
     """The ``ladder-siam pretrain`` arguments of a run (method and metrics port aside)."""
     args = ["--shards", shards, "--out", out, "--arch", inputs.arch]
     args += ["--epochs", str(inputs.epochs), "--batch-size", str(inputs.batch_size)]
-    args += ["--sync-bn-scope", inputs.sync_bn_scope]
+    if inputs.sync_bn_scope:
+        args += ["--sync-bn-scope", inputs.sync_bn_scope]
     return (["--config", inputs.pretrain_config] if inputs.pretrain_config else []) + args
 
 

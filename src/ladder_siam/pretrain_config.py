@@ -177,7 +177,7 @@ HELP = {
     "sync_bn": "synchronise BatchNorm statistics across GPUs (BYOL's cross-replica BN; CPU "
     "runs keep per-process BN: PyTorch's SyncBatchNorm needs GPUs)",
     "sync_bn_scope": "ranks that share SyncBN statistics: all (BYOL's cross-replica BN) or node "
-    "(each pod's GPUs: the ~250 small all-reduces per step stay on NVLink instead of the "
+    "(each pod's GPUs: the ~360 small collectives per step stay on NVLink instead of the "
     "network; see BENCHMARKS.md, multi-node scaling)",
     "workers": "data-loader processes per GPU",
     "decode": "where JPEGs are decoded: cpu (loader workers decode and crop; reduced-size "
