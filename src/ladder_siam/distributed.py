@@ -69,7 +69,7 @@ def batchnorm_group(scope: str) -> dist.ProcessGroup | None:
     ``"all"`` (or a single-process run) is every rank: ``None``, PyTorch's default group.
     ``"node"`` is the ranks of this node: torchrun numbers a node's ``LOCAL_WORLD_SIZE``
     processes consecutively, so blocks of that many ranks are the nodes, and their SyncBN
-    all-reduces stay on NVLink. Every rank must call this (groups are created collectively).
+    collectives stay on NVLink. Every rank must call this (groups are created collectively).
     """
     world_size = dist.get_world_size() if dist.is_initialized() else 1
     if scope == "all" or world_size == 1:
