@@ -34,8 +34,8 @@ from pathlib import Path
 import torch
 from bench_step import VARIANTS, add_model_arguments  # this folder is on sys.path
 
-from ladder_siam.demo_data import make_demo_data
-from ladder_siam.prepare_shards import prepare_shards
+from ladder_siam.prep.demo_data import make_demo_data
+from ladder_siam.prep.prepare_shards import prepare_shards
 
 HERE = Path(__file__).resolve().parent
 

@@ -41,12 +41,13 @@ import torchvision
 from PIL import Image
 from torchvision import transforms
 
-from ladder_siam.augment import IMAGENET_MEAN, IMAGENET_STD, TwoViewPhotometric
-from ladder_siam.data import make_loader
-from ladder_siam.prepare_shards import prepare_shards
-from ladder_siam.pretrain import build_dataset
-from ladder_siam.pretrain_config import PretrainConfig
-from ladder_siam.scenes import CLASS_NAMES, render_scene
+from ladder_siam.data.photometric import IMAGENET_MEAN, IMAGENET_STD
+from ladder_siam.data.shards import make_loader
+from ladder_siam.prep.prepare_shards import prepare_shards
+from ladder_siam.prep.scenes import CLASS_NAMES, render_scene
+from ladder_siam.pretrain.augmentation import TwoViewPhotometric
+from ladder_siam.pretrain.config import PretrainConfig
+from ladder_siam.pretrain.train import build_dataset
 
 BATCH = 64
 WIDTH, HEIGHT = 400, 350  # about ImageNet's mean image size

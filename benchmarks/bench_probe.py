@@ -4,8 +4,8 @@ Both train one linear classifier per stage (res2..res5, BatchNorm1d + linear, SG
 momentum and a cosine schedule, same batch and learning rate) on the same frozen backbone,
 demo shards and evaluation transform:
 
-* **fast** (``ladder_siam.linear_probe``'s protocol): the pooled features of both splits are
-  extracted once, then every epoch runs the heads only;
+* **fast** (``ladder_siam.evals.probe.linear_probe``'s protocol): the pooled features of
+  both splits are extracted once, then every epoch runs the heads only;
 * **baseline**: what a naive implementation does, every epoch streams the training images
   through the frozen backbone again (``ShardDataset``, shuffled) and steps the heads; the
   validation split is extracted once at the end.
@@ -30,14 +30,19 @@ from pathlib import Path
 
 import torch
 
-from ladder_siam.backbones import STAGES, torchvision_resnet
-from ladder_siam.data import ShardDataset, make_loader
-from ladder_siam.demo_data import make_demo_data
-from ladder_siam.features import EvalTransform, PooledStages, extract_features, to_model_input
-from ladder_siam.linear_heads import StageHeads, evaluate_heads, summed_loss, train_heads
-from ladder_siam.manifest import SplitManifest, load_split
-from ladder_siam.prepare_shards import prepare_shards
-from ladder_siam.schedules import warmup_cosine
+from ladder_siam.data.manifest import SplitManifest, load_split
+from ladder_siam.data.shards import ShardDataset, make_loader
+from ladder_siam.evals.probe.features import (
+    EvalTransform,
+    PooledStages,
+    extract_features,
+    to_model_input,
+)
+from ladder_siam.evals.probe.heads import StageHeads, evaluate_heads, summed_loss, train_heads
+from ladder_siam.nets.backbones import STAGES, torchvision_resnet
+from ladder_siam.prep.demo_data import make_demo_data
+from ladder_siam.prep.prepare_shards import prepare_shards
+from ladder_siam.runtime.schedules import warmup_cosine
 
 CPU = torch.device("cpu")
 

@@ -29,11 +29,11 @@ import torch
 import torchvision
 from torchvision import transforms
 
-from ladder_siam import storage
-from ladder_siam.data import CenterCropResize, ShardDataset, make_loader
-from ladder_siam.demo_data import make_demo_data
-from ladder_siam.fashion_mnist import import_fashion_mnist
-from ladder_siam.manifest import DatasetManifest, load_split
+from ladder_siam.data.manifest import DatasetManifest, load_split
+from ladder_siam.data.shards import CenterCropResize, ShardDataset, make_loader
+from ladder_siam.io import storage
+from ladder_siam.prep.demo_data import make_demo_data
+from ladder_siam.prep.fashion_mnist import import_fashion_mnist
 
 
 def timed(function: Callable[[], int], one_core: bool = False) -> tuple[int, float]:

@@ -23,12 +23,18 @@ from pathlib import Path
 
 import torch
 
-from ladder_siam.distributed import DistributedEnv
-from ladder_siam.metrics import TrainingMetrics
-from ladder_siam.pretrain import Trainer, build_augment, build_model, build_optimizer, training_step
-from ladder_siam.pretrain_config import PretrainConfig
-from ladder_siam.schedules import ema_tau, warmup_cosine
-from ladder_siam.train_log import TrainLog
+from ladder_siam.pretrain.config import PretrainConfig
+from ladder_siam.pretrain.train import (
+    Trainer,
+    build_augment,
+    build_model,
+    build_optimizer,
+    training_step,
+)
+from ladder_siam.runtime.distributed import DistributedEnv
+from ladder_siam.runtime.metrics import TrainingMetrics
+from ladder_siam.runtime.schedules import ema_tau, warmup_cosine
+from ladder_siam.runtime.train_log import TrainLog
 
 VARIANTS = {
     "fp32": {"precision": "fp32", "channels_last": False, "compile": False},

@@ -64,7 +64,7 @@ import torchvision
 import yaml
 
 import ladder_siam
-from ladder_siam.fashion_mnist import CLASS_NAMES
+from ladder_siam.prep.fashion_mnist import CLASS_NAMES
 
 REPO = Path(__file__).resolve().parents[1]
 GPU_PRESET = REPO / "configs" / "fashion_mnist_r18.yaml"

@@ -23,8 +23,8 @@ import argparse
 import torch
 from torch import nn
 
-from ladder_siam.pretrain import build_model
-from ladder_siam.pretrain_config import PretrainConfig
+from ladder_siam.pretrain.config import PretrainConfig
+from ladder_siam.pretrain.train import build_model
 
 # NCCL all-reduce bus bandwidth between nodes (GB/s), by interconnect: one 200 Gb/s HDR NIC
 # per node, four, or eight (a DGX A100 as built). Measured busbw is ~80-90% of line rate.

@@ -32,6 +32,7 @@ def check_inputs(
     compare_runs: list,
     shard_size: int,
     max_side: int,
+    prepare_workers: int,
     gpu_node_selector: dict,
     gpu_tolerations: list,
     pretrain_deadline_hours: float,
@@ -54,8 +55,8 @@ def check_inputs(
     """Checks every parameter (all problems at once) and fingerprints the source listings."""
     # First, while the parameters are all there is: each but job_name is a PipelineInputs field.
     parameters = {name: value for name, value in locals().items() if name != "job_name"}
-    from ladder_siam.pipeline_inputs import PipelineInputs
-    from ladder_siam.pipeline_steps import check_inputs as check
+    from ladder_siam.kube.inputs import PipelineInputs
+    from ladder_siam.kube.steps import check_inputs as check
 
     plan = check(PipelineInputs(**parameters), job_name)
     datasets = plan.datasets

@@ -11,6 +11,6 @@ def finetune_detection(
     model: Input[Model], dataset: Input[Dataset], preset: str, metrics: Output[Metrics]
 ) -> None:
     """Mask R-CNN (FPN) finetune on COCO-layout shards; box and mask AP into the metrics."""
-    from ladder_siam.pipeline_steps import finetune_detection as evaluate
+    from ladder_siam.kube.steps import finetune_detection as evaluate
 
     evaluate(model, dataset, preset, metrics)

@@ -15,6 +15,6 @@ def linear_probe(
     classification: Output[ClassificationMetrics],
 ) -> None:
     """Linear probe and kNN on every stage (Table 7); the top stage's confusion matrix."""
-    from ladder_siam.pipeline_steps import linear_probe as evaluate
+    from ladder_siam.kube.steps import linear_probe as evaluate
 
     evaluate(model, dataset, preset, metrics, classification)

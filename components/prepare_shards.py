@@ -19,7 +19,7 @@ def prepare_shards(
     metrics: Output[Metrics],
 ) -> None:
     """Writes the shards to ``dest``; the Dataset artifact points there (metadata ``uri``)."""
-    from ladder_siam.pipeline_steps import prepare_dataset
+    from ladder_siam.kube.steps import prepare_dataset
 
     prepare_dataset(
         source, layout, dest, fingerprint, shard_size, max_side, workers, dataset, metrics

@@ -15,6 +15,6 @@ def pretrain(
     metrics: Output[Metrics],
 ) -> None:
     """Submits the PyTorchJob, streams its master's log and waits; deletes it if cancelled."""
-    from ladder_siam.pipeline_steps import pretrain as run_pretraining
+    from ladder_siam.kube.steps import pretrain as run_pretraining
 
     run_pretraining(dataset, launch, backend, model, metrics)

@@ -10,6 +10,6 @@ def record_status(
     status: dsl.PipelineTaskFinalStatus, output_uri: str, run_name: str, job_name: str
 ) -> None:
     """Writes <run>/pipeline_status.json and pushes the outcome to the Pushgateway."""
-    from ladder_siam.pipeline_steps import record_status as record
+    from ladder_siam.kube.steps import record_status as record
 
     record(output_uri, run_name, job_name, status.state, status.error_message or "")

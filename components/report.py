@@ -19,6 +19,6 @@ def report(
     html: Output[HTML],
 ) -> None:
     """Writes <run>/report and the HTML/Markdown the UI shows (after all three evaluations)."""
-    from ladder_siam.pipeline_steps import write_report
+    from ladder_siam.kube.steps import write_report
 
     write_report(model, dataset, compare_runs, metrics, markdown, html)

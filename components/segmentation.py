@@ -11,6 +11,6 @@ def finetune_segmentation(
     model: Input[Model], dataset: Input[Dataset], preset: str, metrics: Output[Metrics]
 ) -> None:
     """FCN-D8 finetune on VOC-layout shards; mIoU and pixel accuracy into the metrics."""
-    from ladder_siam.pipeline_steps import finetune_segmentation as evaluate
+    from ladder_siam.kube.steps import finetune_segmentation as evaluate
 
     evaluate(model, dataset, preset, metrics)

@@ -19,7 +19,6 @@ node selector and tolerations from the parameters (A100 nodes by default) and a 
 
 from kfp import dsl, kubernetes
 
-from ladder_siam.components import IMAGE
 from ladder_siam.components.check_inputs import check_inputs
 from ladder_siam.components.detection import finetune_detection
 from ladder_siam.components.linear_probe import linear_probe
@@ -28,6 +27,7 @@ from ladder_siam.components.pretrain import pretrain
 from ladder_siam.components.record_status import record_status
 from ladder_siam.components.report import report
 from ladder_siam.components.segmentation import finetune_segmentation
+from ladder_siam.kube.inputs import PipelineInputs
 
 PIPELINE_NAME = "ladder-siam"
 S3_SECRET_KEYS = (
@@ -37,8 +37,8 @@ S3_SECRET_KEYS = (
     "AWS_DEFAULT_REGION",
 )
 SETTINGS_CONFIG_MAP = "ladder-siam-settings"
-A100_NODES = {"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB"}
-GPU_TOLERATIONS = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+# The parameters' defaults: the library's own (names, types and defaults live there).
+DEFAULTS = PipelineInputs()
 
 
 def _with_environment(task: dsl.PipelineTask, s3_secret: str) -> dsl.PipelineTask:
@@ -79,34 +79,34 @@ def _with_shm(task: dsl.PipelineTask, size: str) -> dsl.PipelineTask:
     "and a report.",
 )
 def ladder_siam_pipeline(
-    source_uri: str = "s3://datasets/imagenet-1k",
-    source_layout: str = "imagefolder",
-    detection_source_uri: str = "s3://datasets/coco-2017",
-    segmentation_source_uri: str = "s3://datasets/voc-2012-aug",
-    output_uri: str = "s3://ladder-siam",
-    run_name: str = "",
-    method: str = "ladder-byol",
-    pretrain_config: str = "configs/ladder-byol_r50_in1k_200ep.yaml",
-    arch: str = "resnet50",
-    epochs: int = 200,
-    batch_size: int = 4096,
-    nodes: int = 4,
-    gpus_per_node: int = 8,
-    sync_bn_scope: str = "",
-    image: str = IMAGE,
-    namespace: str = "",
-    s3_secret: str = "ladder-siam-s3",
-    probe_preset: str = "paper",
-    detection_preset: str = "coco-1x",
-    segmentation_preset: str = "voc",
-    compare_runs: list = [],  # noqa: B006 - KFP reads defaults from the signature
-    shard_size: int = 1000,
-    max_side: int = 0,
-    prepare_workers: int = 8,
-    gpu_node_selector: dict = A100_NODES,
-    gpu_tolerations: list = GPU_TOLERATIONS,
-    pretrain_deadline_hours: float = 168.0,
-    launch_backend: str = "kubernetes",
+    source_uri: str = DEFAULTS.source_uri,
+    source_layout: str = DEFAULTS.source_layout,
+    detection_source_uri: str = DEFAULTS.detection_source_uri,
+    segmentation_source_uri: str = DEFAULTS.segmentation_source_uri,
+    output_uri: str = DEFAULTS.output_uri,
+    run_name: str = DEFAULTS.run_name,
+    method: str = DEFAULTS.method,
+    pretrain_config: str = DEFAULTS.pretrain_config,
+    arch: str = DEFAULTS.arch,
+    epochs: int = DEFAULTS.epochs,
+    batch_size: int = DEFAULTS.batch_size,
+    nodes: int = DEFAULTS.nodes,
+    gpus_per_node: int = DEFAULTS.gpus_per_node,
+    sync_bn_scope: str = DEFAULTS.sync_bn_scope,
+    image: str = DEFAULTS.image,
+    namespace: str = DEFAULTS.namespace,
+    s3_secret: str = DEFAULTS.s3_secret,
+    probe_preset: str = DEFAULTS.probe_preset,
+    detection_preset: str = DEFAULTS.detection_preset,
+    segmentation_preset: str = DEFAULTS.segmentation_preset,
+    compare_runs: list = DEFAULTS.compare_runs,
+    shard_size: int = DEFAULTS.shard_size,
+    max_side: int = DEFAULTS.max_side,
+    prepare_workers: int = DEFAULTS.prepare_workers,
+    gpu_node_selector: dict = DEFAULTS.gpu_node_selector,
+    gpu_tolerations: list = DEFAULTS.gpu_tolerations,
+    pretrain_deadline_hours: float = DEFAULTS.pretrain_deadline_hours,
+    launch_backend: str = DEFAULTS.launch_backend,
 ) -> None:
     """The whole flow for one pretraining run.
 
@@ -146,41 +146,13 @@ def ladder_siam_pipeline(
         pretrain_deadline_hours: Wall-clock limit of the PyTorchJob; 0: none.
         launch_backend: kubernetes (a PyTorchJob), or local (torchrun; for kfp.local runs).
     """
+    parameters = dict(locals())  # all of them, for check-inputs (first: nothing else is local)
     status = record_status(
         output_uri=output_uri, run_name=run_name, job_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER
     )
     _with_environment(status, s3_secret)
     with dsl.ExitHandler(status, name="ladder-siam-run"):
-        plan = check_inputs(
-            source_uri=source_uri,
-            source_layout=source_layout,
-            detection_source_uri=detection_source_uri,
-            segmentation_source_uri=segmentation_source_uri,
-            output_uri=output_uri,
-            run_name=run_name,
-            method=method,
-            pretrain_config=pretrain_config,
-            arch=arch,
-            epochs=epochs,
-            batch_size=batch_size,
-            nodes=nodes,
-            gpus_per_node=gpus_per_node,
-            sync_bn_scope=sync_bn_scope,
-            image=image,
-            namespace=namespace,
-            s3_secret=s3_secret,
-            probe_preset=probe_preset,
-            detection_preset=detection_preset,
-            segmentation_preset=segmentation_preset,
-            compare_runs=compare_runs,
-            shard_size=shard_size,
-            max_side=max_side,
-            gpu_node_selector=gpu_node_selector,
-            gpu_tolerations=gpu_tolerations,
-            pretrain_deadline_hours=pretrain_deadline_hours,
-            launch_backend=launch_backend,
-            job_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
-        )
+        plan = check_inputs(**parameters, job_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER)
         # New data must be seen: the fingerprint is computed afresh on every run.
         plan.set_caching_options(False).set_display_name("check-inputs")
         _with_environment(plan, s3_secret)

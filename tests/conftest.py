@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 from system_tools import free_port, require_tool, wait_for_port
 
-from ladder_siam import storage
+from ladder_siam.io import storage
 
 
 @pytest.fixture(scope="session")

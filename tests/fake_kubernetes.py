@@ -1,4 +1,4 @@
-"""A fake Kubernetes API server on loopback: just the endpoints ``ladder_siam.launch`` calls.
+"""A fake Kubernetes API server on loopback: just the endpoints ``ladder_siam.kube.launch`` calls.
 
 Real HTTP and the real ``kubernetes`` client; the server plays a scripted PyTorchJob: it turns
 ``Succeeded`` or ``Failed`` after a number of status polls (or never), and its master pod's log

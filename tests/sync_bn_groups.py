@@ -10,9 +10,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ladder_siam import distributed
-from ladder_siam.pretrain import build_model
-from ladder_siam.pretrain_config import PretrainConfig
+from ladder_siam.pretrain.config import PretrainConfig
+from ladder_siam.pretrain.train import build_model
+from ladder_siam.runtime import distributed
 
 if __name__ == "__main__":
     env = distributed.setup()

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from ladder_siam import storage
 from ladder_siam.artifacts import list_run, pull
 from ladder_siam.cli import main as cli
+from ladder_siam.io import storage
 
 # A run's layout; sizes differ so that a wrongly paired file would not compare equal.
 RUN_FILES = {

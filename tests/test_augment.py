@@ -19,24 +19,21 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image
 from torchvision.transforms import RandomResizedCrop
 
-from ladder_siam import photometric
-from ladder_siam.augment import (
+from ladder_siam.data import photometric
+from ladder_siam.data.crops import TwoViewCrop, ViewCrop, draft_factor, sample_crop_box
+from ladder_siam.data.shards import DecodedSample, decode_sample
+from ladder_siam.data.tar_shards import Sample
+from ladder_siam.prep.scenes import render_scene
+from ladder_siam.pretrain.augmentation import (
     BYOL_VIEW_A,
     BYOL_VIEW_B,
     BatchPhotometric,
     PhotometricConfig,
     PhotometricParams,
-    TwoViewCrop,
     TwoViewPhotometric,
-    ViewCrop,
     apply_photometric,
-    draft_factor,
-    sample_crop_box,
     sample_params,
 )
-from ladder_siam.data import DecodedSample, decode_sample
-from ladder_siam.scenes import render_scene
-from ladder_siam.tar_shards import Sample
 
 CPU = torch.device("cpu")
 OFF = PhotometricConfig(jitter_prob=0, grayscale_prob=0, blur_prob=0, solarize_prob=0)

@@ -14,10 +14,10 @@ import torch
 from PIL import Image
 from system_tools import free_port, require_tool
 
-from ladder_siam import storage
-from ladder_siam.data import CenterCropResize, DecodedSample, ShardDataset, make_loader
-from ladder_siam.manifest import load_split
-from ladder_siam.prepare_shards import prepare_shards
+from ladder_siam.data.manifest import load_split
+from ladder_siam.data.shards import CenterCropResize, DecodedSample, ShardDataset, make_loader
+from ladder_siam.io import storage
+from ladder_siam.prep.prepare_shards import prepare_shards
 
 IMAGES = 45  # 7 shards of up to 7: an odd count, and the last one short
 
@@ -130,8 +130,8 @@ def test_two_torchrun_ranks_with_uneven_shards_never_hang(shards: str, tmp_path:
         textwrap.dedent(
             f"""
             import torch, torch.distributed as dist
-            from ladder_siam.data import CenterCropResize, ShardDataset, make_loader
-            from ladder_siam.manifest import load_split
+            from ladder_siam.data.shards import CenterCropResize, ShardDataset, make_loader
+            from ladder_siam.data.manifest import load_split
             dist.init_process_group("gloo")
             dataset = ShardDataset(load_split({shards!r}), 3, CenterCropResize(16), seed=4)
             steps = 0

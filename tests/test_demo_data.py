@@ -14,9 +14,9 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-from ladder_siam import storage
-from ladder_siam.demo_data import VOC_PALETTE, get_args_parser, main, make_demo_data
-from ladder_siam.scenes import CLASS_NAMES, MIN_IMAGE_SIZE, MIN_VISIBLE_AREA, render_scene
+from ladder_siam.io import storage
+from ladder_siam.prep.demo_data import VOC_PALETTE, get_args_parser, main, make_demo_data
+from ladder_siam.prep.scenes import CLASS_NAMES, MIN_IMAGE_SIZE, MIN_VISIBLE_AREA, render_scene
 
 IMAGES = 32
 SIZE = 64
@@ -193,7 +193,7 @@ def test_cli_options_reach_the_generator(tmp_path: Path, caplog: pytest.LogCaptu
     parser = argparse.ArgumentParser(parents=[get_args_parser()])
     args = parser.parse_args(["--dest", str(tmp_path), "--images", "5", "--size", "40"])
     assert (args.seed, args.val_fraction) == (0, 0.2)
-    with caplog.at_level(logging.INFO, logger="ladder_siam.demo_data"):
+    with caplog.at_level(logging.INFO, logger="ladder_siam.prep.demo_data"):
         main(args)
     assert "4 train and 1 val images" in caplog.text
     image = Image.open(tmp_path / "coco" / "images" / "000004.jpg")

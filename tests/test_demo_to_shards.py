@@ -11,10 +11,10 @@ import pytest
 from PIL import Image
 from pycocotools import mask as coco_mask
 
-from ladder_siam import storage
 from ladder_siam.cli import main as cli
-from ladder_siam.manifest import load_split
-from ladder_siam.tar_shards import iter_samples
+from ladder_siam.data.manifest import load_split
+from ladder_siam.data.tar_shards import iter_samples
+from ladder_siam.io import storage
 
 
 def _samples(split_uri: str) -> list[dict]:

@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -16,21 +17,23 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from backbones import reexport
 from pycocotools import mask as mask_utils
 from system_tools import free_port, require_tool
 from torch import nn
 from torchvision.ops import FrozenBatchNorm2d, masks_to_boxes
 
-from ladder_siam.coco_eval import ImageDetections, coco_evaluate
-from ladder_siam.data import DecodedSample, decode_sample, read_shard
-from ladder_siam.demo_data import make_demo_data
-from ladder_siam.detection import finetune_detection, get_args_parser
-from ladder_siam.detection_config import DetectionConfig, config_from_args, make_config
-from ladder_siam.detection_data import TrainTransform, instance_targets
-from ladder_siam.detection_model import build_mask_rcnn, param_groups
-from ladder_siam.manifest import ManifestError, load_split
-from ladder_siam.models import LadderSiam
-from ladder_siam.prepare_shards import prepare_shards
+from ladder_siam.data.manifest import ManifestError, load_split
+from ladder_siam.data.shards import DecodedSample, decode_sample, read_shard
+from ladder_siam.evals.detection.coco_eval import ImageDetections, coco_evaluate
+from ladder_siam.evals.detection.config import DetectionConfig, config_from_args, make_config
+from ladder_siam.evals.detection.data import TrainTransform, instance_targets
+from ladder_siam.evals.detection.finetune import finetune_detection, get_args_parser
+from ladder_siam.evals.detection.model import build_mask_rcnn, param_groups
+from ladder_siam.prep.demo_data import make_demo_data
+from ladder_siam.prep.prepare_shards import prepare_shards
+from ladder_siam.pretrain.model import LadderSiam
+from ladder_siam.runtime.resume import ResumeError
 
 CLASSES = ["a", "b"]
 # Non-contiguous COCO ids: a prediction scored under its contiguous label would miss.
@@ -264,8 +267,21 @@ def test_finetune_writes_metrics_and_resumes_at_the_checkpoint(
     for name, tensor in uninterrupted.items():
         torch.testing.assert_close(again[name], tensor, msg=name)
 
-    with pytest.raises(ValueError, match=r"cannot resume with changed settings \(base_lr"):
+    with pytest.raises(ResumeError, match=r"cannot resume from step 4.*base_lr: 0.08 -> 0.1"):
         finetune_detection(tiny_config(demo, out, base_lr=0.1))
+
+
+@pytest.mark.slow
+def test_a_re_exported_backbone_does_not_resume_the_old_finetune(
+    demo: Path, tmp_path: Path
+) -> None:
+    backbone = tmp_path / "backbone.pt"
+    shutil.copy(demo / "backbone.pt", backbone)
+    config = tiny_config(demo, tmp_path / "run", backbone=str(backbone), iterations=1)
+    finetune_detection(config)
+    reexport(backbone)  # same path, new bytes: the checkpoint was trained from the old ones
+    with pytest.raises(ResumeError, match="backbone changed since the checkpoint"):
+        finetune_detection(config)
 
 
 def test_bad_inputs_fail_before_training(demo: Path, tmp_path: Path) -> None:
@@ -287,7 +303,7 @@ def test_two_process_gloo_run_evaluates_every_val_image_once(demo: Path, tmp_pat
     torchrun = require_tool(str(Path(sys.executable).parent / "torchrun"))
     command = [
         torchrun, "--nproc-per-node=2", f"--master-port={free_port()}",
-        "-m", "ladder_siam.detection", "--preset", "tiny",
+        "-m", "ladder_siam.evals.detection.finetune", "--preset", "tiny",
         "--backbone", str(demo / "backbone.pt"), "--train", str(demo / "coco"),
         "--val", str(demo / "coco"), "--out", str(tmp_path), "--iterations", "2",
         "--batch-size", "4", "--min-size", "32", "--max-size", "32", "--workers", "0",

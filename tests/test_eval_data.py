@@ -7,13 +7,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from ladder_siam.backbone_io import describe, load_backbone
-from ladder_siam.data import DecodedSample
-from ladder_siam.demo_data import make_demo_data
-from ladder_siam.eval_data import SplitReader, make_eval_loader
-from ladder_siam.manifest import ManifestError, load_split
-from ladder_siam.models import LadderSiam
-from ladder_siam.prepare_shards import prepare_shards
+from ladder_siam.data.manifest import ManifestError, load_split
+from ladder_siam.data.shards import DecodedSample
+from ladder_siam.data.splits import SplitReader, make_eval_loader
+from ladder_siam.nets.backbone_file import describe, load_backbone
+from ladder_siam.prep.demo_data import make_demo_data
+from ladder_siam.prep.prepare_shards import prepare_shards
+from ladder_siam.pretrain.model import LadderSiam
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import pytest
 from conftest import require_tool
 from PIL import Image
 
-from ladder_siam.fashion_mnist import (
+from ladder_siam.prep.fashion_mnist import (
     CLASS_NAMES,
     DEBIAN_PACKAGE,
     DEFAULT_SOURCE_DIR,
@@ -136,6 +136,6 @@ def test_cli_options_reach_the_importer(tmp_path: Path, caplog: pytest.LogCaptur
     args = parser.parse_args(
         ["--dest", str(tmp_path / "out"), "--source-dir", str(source), "--limit", "2"]
     )
-    with caplog.at_level(logging.INFO, logger="ladder_siam.fashion_mnist"):
+    with caplog.at_level(logging.INFO, logger="ladder_siam.prep.fashion_mnist"):
         main(args)
     assert "imported 2 train and 2 val" in caplog.text

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from ladder_siam.flags import add_config_flags, explicit_flags
+from ladder_siam.runtime.flags import add_config_flags, explicit_flags
 
 
 @dataclass

@@ -13,12 +13,12 @@ import pytest
 import torch
 from PIL import Image
 
-from ladder_siam.augment import TwoViewCrop
-from ladder_siam.data import ShardDataset, make_loader
-from ladder_siam.gpu_decode import JpegBatch, JpegTwoViews, collate_jpegs, decode_views
-from ladder_siam.manifest import load_split
-from ladder_siam.prepare_shards import prepare_shards
-from ladder_siam.scenes import render_scene
+from ladder_siam.data.crops import TwoViewCrop
+from ladder_siam.data.gpu_decode import JpegBatch, JpegTwoViews, collate_jpegs, decode_views
+from ladder_siam.data.manifest import load_split
+from ladder_siam.data.shards import ShardDataset, make_loader
+from ladder_siam.prep.prepare_shards import prepare_shards
+from ladder_siam.prep.scenes import render_scene
 
 # torchvision 0.29 deprecates its image codecs for TorchCodec's; decode_jpeg still works.
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")

@@ -4,6 +4,7 @@ against a fake API server (real HTTP, real client), and the local torchrun backe
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import os
@@ -13,20 +14,19 @@ import threading
 from pathlib import Path
 from types import FrameType
 
-import jsonschema
 import pytest
 import torch
-import yaml
+from crd_schemas import crd_errors
 from fake_kubernetes import Script, fake_kubernetes
 
-from ladder_siam.backbones import torchvision_resnet
-from ladder_siam.demo_data import make_demo_data
-from ladder_siam.launch import JobCancelledError, JobFailedError, Launcher, run, run_local
-from ladder_siam.prepare_shards import prepare_shards
-from ladder_siam.pytorchjob import LaunchConfig, build_pytorchjob
+from ladder_siam.kube.launch import JobCancelledError, JobFailedError, Launcher, run, run_local
+from ladder_siam.kube.pytorchjob import LaunchConfig, build_pytorchjob
+from ladder_siam.nets.backbones import torchvision_resnet
+from ladder_siam.prep.demo_data import make_demo_data
+from ladder_siam.prep.prepare_shards import prepare_shards
+from ladder_siam.pretrain.config import config_from_args, make_config
+from ladder_siam.pretrain.train import get_args_parser
 
-# In CI a copy of shared/ sits beside the clone.
-CRD = Path(__file__).parents[2] / "shared" / "schemas" / "kubeflow.org_pytorchjobs.yaml"
 TINY = Path(__file__).parents[1] / "configs" / "tiny_cpu.yaml"
 DNS_1123_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 LABEL_KEY = re.compile(r"([a-z0-9.-]{1,253}/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?")
@@ -34,13 +34,17 @@ LABEL_VALUE = re.compile(r"([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?")
 SECRET_VALUE = "wJalrXUtnFEMI-not-a-real-key"
 
 
+PAPER = make_config(
+    str(Path(__file__).parents[1] / "configs" / "ladder-byol_r50_in1k_200ep.yaml"),
+    shards="s3://datasets/in1k", out="s3://runs/r50-200ep-a1",
+)  # fmt: skip
+
+
 def launch_config(**overrides: object) -> LaunchConfig:
     settings: dict[str, object] = {
         "name": "ladder-byol-r50-200ep", "namespace": "ml-research",
         "image": "registry.example.com:5000/ladder-siam:0.1.0", "run_id": "r50-200ep-a1",
-        "method": "ladder-byol", "nodes": 4, "gpus_per_node": 8,
-        "pretrain_args": ("--config", "configs/ladder-byol_r50_in1k_200ep.yaml",
-                          "--shards", "s3://datasets/in1k", "--out", "s3://runs/r50-200ep-a1"),
+        "pretrain": PAPER, "nodes": 4, "gpus_per_node": 8,
         "node_selector": {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
         "tolerations": ({"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},),
         "s3_secret": "s3-credentials", "active_deadline_seconds": 3 * 86400,
@@ -49,22 +53,10 @@ def launch_config(**overrides: object) -> LaunchConfig:
     return LaunchConfig(**settings)  # type: ignore[arg-type]
 
 
-@pytest.fixture(scope="module")
-def crd_validator() -> jsonschema.Draft7Validator:
-    crd = yaml.safe_load(CRD.read_text())
-    (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
-    schema = version["schema"]["openAPIV3Schema"]
-    jsonschema.Draft7Validator.check_schema(schema)
-    return jsonschema.Draft7Validator(schema)
-
-
-def test_four_node_job_matches_the_crd_schema(
-    crd_validator: jsonschema.Draft7Validator, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_four_node_job_matches_the_crd_schema(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET_VALUE)
     job = build_pytorchjob(launch_config())
-    errors = [f"{list(e.absolute_path)}: {e.message}" for e in crd_validator.iter_errors(job)]
-    assert errors == []
+    assert crd_errors(job) == []
     assert (job["apiVersion"], job["kind"]) == ("kubeflow.org/v1", "PyTorchJob")
 
     # The schema leaves metadata open ("type: object"): check the name and labels ourselves.
@@ -95,12 +87,17 @@ def test_four_node_job_matches_the_crd_schema(
         assert container["name"] == "pytorch"
         assert not container["image"].endswith(":latest")
         assert container["resources"]["limits"]["nvidia.com/gpu"] == "8"
-        assert container["command"] == [
+        command = container["command"]
+        assert command[:8] == [
             "torchrun", "--nnodes", "4", "--nproc-per-node", "8", "-m", "ladder_siam.pretrain",
-            "--method", "ladder-byol", "--metrics-port", "9400",
-            "--config", "configs/ladder-byol_r50_in1k_200ep.yaml", "--shards", "s3://datasets/in1k",
-            "--out", "s3://runs/r50-200ep-a1",
+            "--config-json",
         ]  # fmt: skip
+        # The pods get the resolved config as typed data, which the trainer reads back whole.
+        [config_json] = command[8:]
+        assert config_from_args(get_args_parser().parse_args(["--config-json", config_json])) == (
+            PAPER
+        )
+        assert pod["metadata"]["labels"]["ladder-siam/method"] == PAPER.method
         assert container["ports"] == [{"name": "metrics", "containerPort": 9400, "protocol": "TCP"}]
         assert container["volumeMounts"] == [{"name": "dshm", "mountPath": "/dev/shm"}]
         security = container["securityContext"]
@@ -112,19 +109,18 @@ def test_four_node_job_matches_the_crd_schema(
     assert SECRET_VALUE not in json.dumps(job)
 
 
-def test_the_schema_check_catches_a_broken_job(crd_validator: jsonschema.Draft7Validator) -> None:
+def test_the_schema_check_catches_a_broken_job() -> None:
     job = copy.deepcopy(build_pytorchjob(launch_config()))
     job["spec"]["pytorchReplicaSpecs"]["Worker"]["replicas"] = "three"
     job["spec"]["runPolicy"]["backoffLimit"] = "3"
-    assert len(list(crd_validator.iter_errors(job))) == 2
+    job["spec"]["runPolicy"]["backofLimit"] = 3
+    assert len(crd_errors(job)) == 3
 
 
-def test_single_node_job_has_no_workers_and_digest_images_are_pinned(
-    crd_validator: jsonschema.Draft7Validator,
-) -> None:
+def test_single_node_job_has_no_workers_and_digest_images_are_pinned() -> None:
     image = "ghcr.io/acme/ladder-siam@sha256:" + "ab" * 32
     job = build_pytorchjob(launch_config(nodes=1, gpus_per_node=2, image=image, s3_secret=None))
-    assert list(crd_validator.iter_errors(job)) == []
+    assert crd_errors(job) == []
     assert list(job["spec"]["pytorchReplicaSpecs"]) == ["Master"]
     container = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]
     assert container["command"][:5] == ["torchrun", "--nnodes", "1", "--nproc-per-node", "2"]
@@ -143,8 +139,8 @@ def test_single_node_job_has_no_workers_and_digest_images_are_pinned(
         ({"run_id": "run 1!"}, "run_id 'run 1!'"),
         ({"node_selector": {"pool": "gpu nodes"}}, "node_selector pool="),
         ({"memory_limit": "lots"}, "memory_limit 'lots'"),
-        ({"pretrain_args": ("--metrics-port=9000",)}, "'--metrics-port=9000'"),
-        ({"pretrain_args": ("--method", "byol")}, "'--method'"),
+        ({"pretrain": dataclasses.replace(PAPER, metrics_port=70000)}, "metrics_port 70000"),
+        ({"pretrain": dataclasses.replace(PAPER, method="GG?G")}, "method 'GG?G'"),
     ],
 )
 def test_invalid_settings_are_named(overrides: dict[str, object], message: str) -> None:
@@ -162,7 +158,7 @@ def test_wait_returns_on_success_and_streams_each_log_line_once(
     lines = [f"step {i} loss {1 / (i + 1):.3f}" for i in range(6)]
     with fake_kubernetes(Script("Succeeded", after_polls=4, log_lines=lines)) as (cluster, api):
         launcher = Launcher("ml-research", api)
-        caplog.set_level(logging.INFO, logger="ladder_siam.launch")
+        caplog.set_level(logging.INFO, logger="ladder_siam.kube.launch")
         name = launcher.submit(build_pytorchjob(launch_config()))
         launcher.wait(name, timeout_s=10, poll_s=0.01)
     assert name == "ladder-byol-r50-200ep" and name in cluster.jobs
@@ -247,11 +243,10 @@ def test_run_local_trains_with_torchrun(tmp_path: Path) -> None:
     make_demo_data(str(tmp_path / "raw"), images=60, size=32)
     prepare_shards(str(tmp_path / "raw" / "imagefolder"), str(tmp_path / "shards"), shard_size=30)
     out = tmp_path / "run"
-    args = (
-        "--config", str(TINY), "--shards", str(tmp_path / "shards"), "--out", str(out),
-        "--max-steps", "2", "--batch-size", "16", "--hidden-dim", "32", "--projection-dim", "16",
-        "--dense-dim", "8", "--workers", "0",
+    pretrain = make_config(
+        str(TINY), shards=str(tmp_path / "shards"), out=str(out), max_steps=2, batch_size=16,
+        hidden_dim=32, projection_dim=16, dense_dim=8, workers=0, metrics_port=None,
     )  # fmt: skip
-    run_local(launch_config(nodes=1, gpus_per_node=1, metrics_port=None, pretrain_args=args))
+    run_local(launch_config(nodes=1, gpus_per_node=1, pretrain=pretrain))
     state = torch.load(out / "backbone.pt", weights_only=True)
     torchvision_resnet("resnet18", small_input=True).load_state_dict(state)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,19 +13,22 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
+from backbones import reexport
 
-from ladder_siam import checkpoint, cli
-from ladder_siam.backbone_io import load_backbone
-from ladder_siam.backbones import torchvision_resnet
-from ladder_siam.demo_data import make_demo_data
-from ladder_siam.features import EvalTransform, PooledStages, extract_features
-from ladder_siam.knn import knn_scores, knn_top1
-from ladder_siam.linear_heads import evaluate_heads, topk_accuracy, train_heads
-from ladder_siam.linear_probe import linear_probe
-from ladder_siam.manifest import load_split
-from ladder_siam.models import LadderSiam
-from ladder_siam.prepare_shards import prepare_shards
-from ladder_siam.probe_config import PRESETS, ProbeConfig
+from ladder_siam import cli
+from ladder_siam.data.manifest import load_split
+from ladder_siam.evals.probe.config import PRESETS, ProbeConfig
+from ladder_siam.evals.probe.features import EvalTransform, PooledStages, extract_features
+from ladder_siam.evals.probe.heads import evaluate_heads, topk_accuracy, train_heads
+from ladder_siam.evals.probe.knn import knn_scores, knn_top1
+from ladder_siam.evals.probe.linear_probe import linear_probe
+from ladder_siam.nets.backbone_file import load_backbone
+from ladder_siam.nets.backbones import torchvision_resnet
+from ladder_siam.prep.demo_data import make_demo_data
+from ladder_siam.prep.prepare_shards import prepare_shards
+from ladder_siam.pretrain.model import LadderSiam
+from ladder_siam.runtime import checkpoint
+from ladder_siam.runtime.resume import ResumeError
 
 STAGES = ["res2", "res3", "res4", "res5"]
 
@@ -210,7 +214,7 @@ def test_fast_probe_end_to_end(
         assert written["scalars"][f"knn_top1_{stage}"] == result["knn_top1"]
     assert written["scalars"]["probe_top1"] == written["stages"]["res5"]["top1"]
     # A rerun reads the cached features and reproduces the numbers.
-    with caplog.at_level(logging.INFO, logger="ladder_siam.linear_probe"):
+    with caplog.at_level(logging.INFO, logger="ladder_siam.evals.probe.linear_probe"):
         assert linear_probe(config)["stages"] == metrics["stages"]
     assert sum("read from" in message for message in caplog.messages) == 2
 
@@ -258,5 +262,19 @@ def test_standard_protocol_resumes_exactly(data: Path, tmp_path: Path) -> None:
     assert all(loaded is not None and loaded.step == 4 for loaded in final.values())
     for name, tensor in final[straight.out].state["heads"].items():
         assert torch.equal(tensor, final[halves.out].state["heads"][name]), name
-    with pytest.raises(ValueError, match=r"cannot resume with changed settings.*base_lr"):
+    with pytest.raises(ResumeError, match=r"cannot resume from step 4.*base_lr"):
         linear_probe(dataclasses.replace(halves, base_lr=1.0))
+
+
+@pytest.mark.slow
+def test_a_re_exported_backbone_does_not_resume_the_standard_probe(
+    data: Path, tmp_path: Path
+) -> None:
+    backbone = tmp_path / "backbone.pt"
+    shutil.copy(data / "backbone.pt", backbone)
+    config = tiny_config(data, tmp_path / "probe", protocol="standard", max_steps=1, batch_size=16)
+    config = dataclasses.replace(config, backbone=str(backbone))
+    linear_probe(config)
+    reexport(backbone)  # same path, new bytes: the heads were trained on the old features
+    with pytest.raises(ResumeError, match="backbone changed since the checkpoint"):
+        linear_probe(config)

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from ladder_siam import losses
-from ladder_siam.losses import (
+from ladder_siam.pretrain import losses
+from ladder_siam.pretrain.losses import (
     byol_loss,
     dense_byol_loss,
     ladder_weights,

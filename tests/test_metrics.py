@@ -21,7 +21,7 @@ from prometheus_servers import (
 from system_tools import free_port, require_tool
 
 from ladder_siam import __version__
-from ladder_siam.metrics import TrainingMetrics, push_job_metrics
+from ladder_siam.runtime.metrics import TrainingMetrics, push_job_metrics
 
 LOSSES = {"res2": 0.5, "res3": 0.75, "res4": 1.25, "res5": 1.5, "total": 4.0}
 OUTPUT_STD = {"res2": 0.125, "res3": 0.25, "res4": 0.0625, "res5": 0.03125}

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torchvision
 
-from ladder_siam.backbones import ARCHS, ResNetStages, torchvision_resnet
-from ladder_siam.models import LadderSiam, parse_levels
+from ladder_siam.nets.backbones import ARCHS, ResNetStages, torchvision_resnet
+from ladder_siam.pretrain.model import LadderSiam, parse_levels
 
 CHANNELS = {
     "resnet18": [64, 128, 256, 512],

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torchvision.models import resnet18
 
-from ladder_siam.optim import LARS, NORM_LAYERS, param_groups, scaled_lr
+from ladder_siam.runtime.optim import LARS, NORM_LAYERS, param_groups, scaled_lr
 
 
 def reference_step(

@@ -9,23 +9,25 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import jsonschema
 import pytest
 import yaml
+from crd_schemas import crd_errors
 from google.protobuf import json_format, struct_pb2
 from kfp.pipeline_spec import pipeline_spec_pb2
 
-from ladder_siam import cli, storage
+from ladder_siam import cli
 from ladder_siam.components import IMAGE
-from ladder_siam.demo_data import make_demo_data
-from ladder_siam.pipeline_inputs import PipelineInputs, plan_run, run_name
-from ladder_siam.pipeline_runs import COMPILED, run_local
-from ladder_siam.pipeline_steps import launch_config_from_dict
+from ladder_siam.io import storage
+from ladder_siam.kube.inputs import PipelineInputs, plan_run, pretrain_config, run_name
+from ladder_siam.kube.pytorchjob import build_pytorchjob
+from ladder_siam.kube.steps import launch_config_from_dict
 from ladder_siam.pipelines.ladder_siam import S3_SECRET_KEYS, SETTINGS_CONFIG_MAP
-from ladder_siam.pytorchjob import build_pytorchjob
+from ladder_siam.pipelines.runs import COMPILED, run_local
+from ladder_siam.prep.demo_data import make_demo_data
+from ladder_siam.pretrain.config import config_from_args
+from ladder_siam.pretrain.train import get_args_parser
 
 REPO = Path(__file__).parents[1]
-CRD = REPO.parent / "shared" / "schemas" / "kubeflow.org_pytorchjobs.yaml"
 GPU_STEPS = ("finetune-detection", "finetune-segmentation", "linear-probe")
 
 
@@ -174,14 +176,33 @@ def test_parameters_have_defaults_that_make_sense_in_the_ui(
     assert "A100" in next(iter(defaults["gpu_node_selector"].values()))
     for uri in ("source_uri", "detection_source_uri", "segmentation_source_uri", "output_uri"):
         assert defaults[uri].startswith("s3://"), uri
-    # The library's defaults (what tests and notebooks get) are the UI's.
-    for item in dataclasses.fields(PipelineInputs):
-        if item.name in defaults and item.default is not dataclasses.MISSING:
-            assert item.default == defaults[item.name], item.name
     # Every parameter is explained where the UI and `--help` readers look: the docstring.
     docstring = (REPO / "pipelines" / "ladder_siam.py").read_text()
     for name in defaults:
         assert f"        {name}: " in docstring, f"{name} is not documented"
+
+
+# How KFP's IR names the type of each PipelineInputs field's annotation.
+KFP_TYPES = {
+    "str": "STRING", "int": "NUMBER_INTEGER", "float": "NUMBER_DOUBLE", "bool": "BOOLEAN",
+    "list[str]": "LIST", "dict[str, str]": "STRUCT", "list[dict[str, Any]]": "LIST",
+}  # fmt: skip
+
+
+def test_the_pipeline_the_first_step_and_the_library_agree_on_every_parameter(
+    compiled: tuple[dict[str, Any], dict[str, Any]],
+) -> None:
+    spec, _ = compiled
+    ui = spec["root"]["inputDefinitions"]["parameters"]
+    check_inputs = spec["components"]["comp-check-inputs"]["inputDefinitions"]["parameters"]
+    library = {item.name: item for item in dataclasses.fields(PipelineInputs)}
+    assert set(ui) == set(library), "the UI's parameters are PipelineInputs' fields"
+    assert set(check_inputs) == {*library, "job_name"}, "check-inputs validates every one"
+    defaults = PipelineInputs()
+    for name, item in library.items():
+        kfp_type = KFP_TYPES[str(item.type)]
+        assert ui[name]["parameterType"] == check_inputs[name]["parameterType"] == kfp_type, name
+        assert ui[name]["defaultValue"] == getattr(defaults, name), name
 
 
 @pytest.fixture(scope="module")
@@ -216,16 +237,13 @@ def through_kfp(value: dict[str, Any]) -> dict[str, Any]:
 def test_the_pretrain_step_launches_four_nodes_of_eight_gpus_that_match_the_crd(
     sources: Path, tmp_path: Path
 ) -> None:
-    plan = plan_run(
-        inputs(sources, tmp_path, run_name="R50 Ladder_200ep", sync_bn_scope="node"), "ignored"
-    )
+    settings = inputs(sources, tmp_path, run_name="R50 Ladder_200ep", sync_bn_scope="node")
+    plan = plan_run(settings, "ignored")
     assert plan.run_name == "r50-ladder-200ep"
-    job = build_pytorchjob(launch_config_from_dict(through_kfp(plan.launch)))
+    launch = launch_config_from_dict(through_kfp(plan.launch))
+    job = build_pytorchjob(launch)
 
-    crd = yaml.safe_load(CRD.read_text())
-    [version] = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
-    validator = jsonschema.Draft7Validator(version["schema"]["openAPIV3Schema"])
-    assert [error.message for error in validator.iter_errors(job)] == []
+    assert crd_errors(job) == []
 
     replicas = job["spec"]["pytorchReplicaSpecs"]
     assert (replicas["Master"]["replicas"], replicas["Worker"]["replicas"]) == (1, 3)
@@ -237,11 +255,17 @@ def test_the_pretrain_step_launches_four_nodes_of_eight_gpus_that_match_the_crd(
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "8"
     assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB"}
     assert container["envFrom"] == [{"secretRef": {"name": "ladder-siam-s3"}}]
+    # The trainer's config crossed KFP as typed data: the same config, ints still ints.
+    out = str(tmp_path / "runs" / "r50-ladder-200ep")
+    dest = plan.datasets["pretrain"].dest
+    assert launch.pretrain == pretrain_config(settings, dest, out)
+    assert (launch.pretrain.shards, launch.pretrain.out) == (dest, out)
+    assert launch.pretrain.sync_bn_scope == "node" and launch.pretrain.hidden_dim == 4096
     command = container["command"]
-    shards = command[command.index("--shards") + 1]
-    assert shards == plan.datasets["pretrain"].dest
-    assert command[command.index("--out") + 1] == str(tmp_path / "runs" / "r50-ladder-200ep")
-    assert command[command.index("--sync-bn-scope") + 1] == "node"
+    sent = command[command.index("--config-json") + 1]
+    assert config_from_args(get_args_parser().parse_args(["--config-json", sent])) == (
+        launch.pretrain
+    )
     assert job["spec"]["runPolicy"]["activeDeadlineSeconds"] == 168 * 3600
 
 
@@ -250,8 +274,7 @@ def test_an_empty_sync_bn_scope_leaves_the_presets_own(sources: Path, tmp_path: 
     paper = (REPO / "configs" / "ladder-byol_r50_in1k_200ep.yaml").read_text()
     preset.write_text(paper + "sync_bn_scope: node\n")
     plan = plan_run(inputs(sources, tmp_path, pretrain_config=str(preset)), "job")
-    command = build_pytorchjob(launch_config_from_dict(plan.launch))["spec"]
-    assert "--sync-bn-scope" not in str(command), "the preset decides"
+    assert launch_config_from_dict(plan.launch).pretrain.sync_bn_scope == "node"
 
 
 def test_every_bad_parameter_is_reported_at_once_before_any_work(

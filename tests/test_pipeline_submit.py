@@ -14,7 +14,7 @@ import yaml
 from fake_kfp import FakeKfp, fake_kfp
 
 from ladder_siam import __version__, cli
-from ladder_siam.pipeline_runs import COMPILED, compile_pipeline
+from ladder_siam.pipelines.runs import COMPILED, compile_pipeline
 
 WEEKLY = "0 0 3 * * 0"  # Sundays at 03:00, seconds first
 

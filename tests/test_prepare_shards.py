@@ -13,11 +13,11 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from ladder_siam import storage
 from ladder_siam.cli import main as cli_main
-from ladder_siam.manifest import load_split
-from ladder_siam.prepare_shards import prepare_shards
-from ladder_siam.tar_shards import iter_samples
+from ladder_siam.data.manifest import load_split
+from ladder_siam.data.tar_shards import iter_samples
+from ladder_siam.io import storage
+from ladder_siam.prep.prepare_shards import prepare_shards
 
 
 def _jpeg(array: np.ndarray, **save_args) -> bytes:
@@ -174,7 +174,7 @@ def test_same_input_and_seed_give_identical_bytes(messy_source: Path, tmp_path: 
 def test_rerun_after_a_crash_reuses_finished_shards(
     messy_source: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from ladder_siam import prepare_shards as module
+    from ladder_siam.prep import prepare_shards as module
 
     dest = str(tmp_path / "shards")
     real_write = module.write_shard

@@ -16,22 +16,22 @@ import torch
 from PIL import Image
 from system_tools import require_tool
 
-from ladder_siam import checkpoint
-from ladder_siam.analysis import (
+from ladder_siam.cli import main as cli
+from ladder_siam.nets.backbones import ResNetStages
+from ladder_siam.prep.demo_data import make_demo_data
+from ladder_siam.prep.prepare_shards import prepare_shards
+from ladder_siam.pretrain.model import LadderSiam
+from ladder_siam.report.analysis import (
     augment_views,
     gradient_maps,
     ladder_for_analysis,
     sample_views,
     view_distances,
 )
-from ladder_siam.backbones import ResNetStages
-from ladder_siam.cli import main as cli
-from ladder_siam.demo_data import make_demo_data
-from ladder_siam.models import LadderSiam
-from ladder_siam.prepare_shards import prepare_shards
-from ladder_siam.report import ReportConfig, build_report, make_report, write_kfp_outputs
-from ladder_siam.report_inputs import load_runs
-from ladder_siam.task_correlation import correlate
+from ladder_siam.report.build import ReportConfig, build_report, make_report, write_kfp_outputs
+from ladder_siam.report.inputs import load_runs
+from ladder_siam.report.task_correlation import correlate
+from ladder_siam.runtime import checkpoint
 
 HEADINGS = (
     "1. Summary (Tables 1 and 2)",

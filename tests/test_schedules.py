@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from ladder_siam.schedules import ema_tau, epochs_to_steps, steps_per_epoch, warmup_cosine
+from ladder_siam.runtime.schedules import ema_tau, epochs_to_steps, steps_per_epoch, warmup_cosine
 
 
 def test_warmup_cosine_endpoints_and_midpoint() -> None:

@@ -18,23 +18,27 @@ from PIL import Image
 from system_tools import free_port, require_tool
 from torch import nn
 
-from ladder_siam.backbone_io import load_backbone
-from ladder_siam.checkpoint import checkpoint_uri
-from ladder_siam.data import DecodedSample
-from ladder_siam.demo_data import make_demo_data
-from ladder_siam.manifest import ManifestError
-from ladder_siam.miou import ConfusionMatrix
-from ladder_siam.models import LadderSiam
-from ladder_siam.prepare_shards import prepare_shards
-from ladder_siam.segmentation import finetune_segmentation, get_args_parser, poly_lr
-from ladder_siam.segmentation_config import SegmentationConfig, config_from_args, preset_config
-from ladder_siam.segmentation_data import (
+from ladder_siam.data.manifest import ManifestError
+from ladder_siam.data.shards import DecodedSample
+from ladder_siam.evals.segmentation.config import (
+    SegmentationConfig,
+    config_from_args,
+    make_config,
+)
+from ladder_siam.evals.segmentation.data import (
     PAD_COLOR,
     SegmentationEvalTransform,
     SegmentationTrainTransform,
 )
-from ladder_siam.segmentation_model import FCN, dilate_resnet, slide_inference
-from ladder_siam.train_log import read_train_log
+from ladder_siam.evals.segmentation.finetune import finetune_segmentation, get_args_parser, poly_lr
+from ladder_siam.evals.segmentation.miou import ConfusionMatrix
+from ladder_siam.evals.segmentation.model import FCN, dilate_resnet, slide_inference
+from ladder_siam.nets.backbone_file import load_backbone
+from ladder_siam.prep.demo_data import make_demo_data
+from ladder_siam.prep.prepare_shards import prepare_shards
+from ladder_siam.pretrain.model import LadderSiam
+from ladder_siam.runtime.checkpoint import checkpoint_uri
+from ladder_siam.runtime.train_log import read_train_log
 
 CLASSES = ["background", "a", "b", "c", "d"]
 
@@ -221,9 +225,9 @@ def test_poly_schedule_and_presets() -> None:
         "cityscapes", 769, "slide", 8,
     )  # fmt: skip
     assert (config.iterations, config.scale, config.backbone) == (5, [1024, 512], "b")
-    assert preset_config("voc").crop_size == 512 and preset_config("voc").iterations == 20000
+    assert make_config("voc").crop_size == 512 and make_config("voc").iterations == 20000
     with pytest.raises(ValueError, match="--preset 'ade'"):
-        preset_config("ade")
+        make_config("ade")
 
 
 @pytest.fixture(scope="module")
@@ -246,7 +250,7 @@ def _config(demo: dict[str, str], out: str, **overrides: object) -> Segmentation
         "scale": [32, 32], "workers": 0, "log_every": 2, "checkpoint_every": 2,
         "keep_checkpoints": 3, "eval_batch_size": 4, **overrides,
     }  # fmt: skip
-    return preset_config("tiny", **values)
+    return make_config("tiny", **values)
 
 
 @pytest.mark.slow
@@ -275,7 +279,7 @@ def test_finetune_writes_metrics_and_resumes_exactly(
     assert all(torch.equal(resumed[name], final[name]) for name in final)
     assert [record["step"] for record in read_train_log(out)] == [2, 4]
     assert (tmp_path / "run" / "metrics.json").exists()
-    with pytest.raises(ValueError, match=r"cannot resume with changed settings \(lr: 0.05 -> 0.1"):
+    with pytest.raises(ValueError, match=r"cannot resume from step 4.*lr: 0.05 -> 0.1"):
         finetune_segmentation(_config(demo, out, lr=0.1))
     # A re-exported backbone at the same path must not resume the old finetune.
     backbone = tmp_path / "backbone.pt"
@@ -284,7 +288,7 @@ def test_finetune_writes_metrics_and_resumes_exactly(
     finetune_segmentation(_config(demo, other, backbone=str(backbone), iterations=1))
     retrained = LadderSiam("resnet18", "---G", hidden_dim=16, projection_dim=8, small_input=True)
     torch.save(retrained.backbone_state_dict(), backbone)
-    with pytest.raises(ValueError, match=r"backbone\.pt changed since the checkpoint"):
+    with pytest.raises(ValueError, match=r"backbone changed since the checkpoint"):
         finetune_segmentation(_config(demo, other, backbone=str(backbone), iterations=1))
 
 
@@ -307,7 +311,7 @@ def test_two_rank_evaluation_reproduces_the_single_process_scores(
     }  # fmt: skip
     torchrun = require_tool(str(Path(sys.executable).parent / "torchrun"))
     command = [torchrun, "--nproc-per-node=2", f"--master-port={free_port()}"]
-    command += ["-m", "ladder_siam.segmentation"]
+    command += ["-m", "ladder_siam.evals.segmentation.finetune"]
     command += [item for key, value in flags.items() for item in (f"--{key}", value)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -10,10 +10,10 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as coco_mask
 
-from ladder_siam import storage
-from ladder_siam.manifest import load_split
-from ladder_siam.prepare_shards import prepare_shards
-from ladder_siam.tar_shards import iter_samples
+from ladder_siam.data.manifest import load_split
+from ladder_siam.data.tar_shards import iter_samples
+from ladder_siam.io import storage
+from ladder_siam.prep.prepare_shards import prepare_shards
 
 
 def _save_jpeg(path: Path, height: int, width: int, seed: int) -> None:

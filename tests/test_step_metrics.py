@@ -12,9 +12,9 @@ from prometheus_client.samples import Sample
 from prometheus_servers import pushgateway_server, sample_value, scrape
 
 from ladder_siam.cli import main as cli
-from ladder_siam.demo_data import make_demo_data
-from ladder_siam.manifest import load_split
-from ladder_siam.pipeline_steps import STATUS_NAME, record_status
+from ladder_siam.data.manifest import load_split
+from ladder_siam.kube.steps import STATUS_NAME, record_status
+from ladder_siam.prep.demo_data import make_demo_data
 
 COUNTS = ("shards", "shards_written", "samples", "samples_skipped")
 # What a group of the Pushgateway may be told apart by: no run id, no dataset URI.

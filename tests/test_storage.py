@@ -6,8 +6,8 @@ import os
 
 import pytest
 
-from ladder_siam import storage
-from ladder_siam.s3_reader import S3RangeReader
+from ladder_siam.io import s3, storage
+from ladder_siam.io.s3 import S3RangeReader
 
 
 @pytest.fixture(params=["local", "file", "s3"])
@@ -86,8 +86,8 @@ def test_s3_multipart_upload_and_streaming_read(
     s3_bucket: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # S3's smallest part is 5 MiB: 11 MiB in 5 MiB parts is a three-part upload.
-    monkeypatch.setattr(storage, "MULTIPART_THRESHOLD", 5 * 1024 * 1024)
-    monkeypatch.setattr(storage, "MULTIPART_CHUNKSIZE", 5 * 1024 * 1024)
+    monkeypatch.setattr(s3, "MULTIPART_THRESHOLD", 5 * 1024 * 1024)
+    monkeypatch.setattr(s3, "MULTIPART_CHUNKSIZE", 5 * 1024 * 1024)
     payload = bytes(range(251)) * (11 * 1024 * 1024 // 251)
     uri = f"{s3_bucket}/big/object.bin"
     with storage.atomic_write(uri) as stream:

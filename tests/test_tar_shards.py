@@ -9,7 +9,7 @@ import tarfile
 
 import pytest
 
-from ladder_siam.tar_shards import ShardWriter, iter_samples
+from ladder_siam.data.tar_shards import ShardWriter, iter_samples
 
 FORMATS = {"ustar": tarfile.USTAR_FORMAT, "gnu": tarfile.GNU_FORMAT, "pax": tarfile.PAX_FORMAT}
 LONG_PATH = "/".join(f"level{i:02d}_directory" for i in range(7)) + "/sample"  # > 100 chars

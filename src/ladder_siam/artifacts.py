@@ -17,12 +17,12 @@ from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 
-from ladder_siam import storage
-from ladder_siam.progress import Progress
+from ladder_siam.io import storage
+from ladder_siam.runtime.progress import Progress
+from ladder_siam.runtime.run_folder import CHECKPOINTS
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINTS = "checkpoints/"
 DEFAULT_THREADS = 8
 ACTIONS = ("list", "pull")
 
@@ -98,7 +98,7 @@ def select(
     Raises:
         ValueError: A pattern of ``only`` matches no file that would be fetched.
     """
-    wanted = [f for f in files if checkpoints or not f.path.startswith(CHECKPOINTS)]
+    wanted = [f for f in files if checkpoints or not f.path.startswith(f"{CHECKPOINTS}/")]
     if not only:
         return wanted
     for pattern in only:

@@ -13,32 +13,39 @@ import importlib
 import logging
 import sys
 
-from ladder_siam import __version__, storage
+from ladder_siam import __version__
+from ladder_siam.io import storage
 
 # subcommand -> (module, one-line help)
 COMMANDS = {
-    "demo-data": ("ladder_siam.demo_data", "generate the built-in demo dataset"),
+    "demo-data": ("ladder_siam.prep.demo_data", "generate the built-in demo dataset"),
     "import-fashion-mnist": (
-        "ladder_siam.fashion_mnist",
+        "ladder_siam.prep.fashion_mnist",
         "write Debian's Fashion-MNIST as an imagefolder dataset",
     ),
     "prepare-shards": (
-        "ladder_siam.prepare_shards",
+        "ladder_siam.prep.prepare_shards",
         "turn a source dataset into webdataset shards with manifests",
     ),
-    "pretrain": ("ladder_siam.pretrain", "Ladder Siamese pretraining (single process or torchrun)"),
-    "linear-probe": ("ladder_siam.linear_probe", "per-stage linear probe and kNN of a backbone"),
+    "pretrain": (
+        "ladder_siam.pretrain.train",
+        "Ladder Siamese pretraining (single process or torchrun)",
+    ),
+    "linear-probe": (
+        "ladder_siam.evals.probe.linear_probe",
+        "per-stage linear probe and kNN of a backbone",
+    ),
     "finetune-detection": (
-        "ladder_siam.detection",
+        "ladder_siam.evals.detection.finetune",
         "Mask R-CNN (FPN) finetune and COCO evaluation of a backbone",
     ),
     "finetune-segmentation": (
-        "ladder_siam.segmentation",
+        "ladder_siam.evals.segmentation.finetune",
         "FCN-D8 finetune and mIoU evaluation of a backbone",
     ),
-    "report": ("ladder_siam.report", "the HTML/Markdown report comparing runs"),
+    "report": ("ladder_siam.report.build", "the HTML/Markdown report comparing runs"),
     "pipeline": (
-        "ladder_siam.pipeline_runs",
+        "ladder_siam.pipelines.runs",
         "compile the Kubeflow pipeline, run it locally, submit or schedule it",
     ),
     "artifacts": ("ladder_siam.artifacts", "list or download a run's outputs"),

@@ -1,0 +1,235 @@
+"""One small interface over object storage (``s3://bucket/key``) and local paths.
+
+Every step reads and writes through these functions, so a run works the same on a laptop
+(plain paths or ``file://`` URIs) and on a cluster (S3, MinIO, SeaweedFS). Writes are atomic:
+a reader never sees a half-written object. Locally that is a temporary file renamed into place;
+on S3 the object appears only when its (possibly multipart) upload completes, and a failed
+upload is aborted. The S3 side lives in :mod:`ladder_siam.io.s3`, URI parsing in
+:mod:`ladder_siam.io.uri`; this module re-exports what callers use of both, so that a step
+needs only ``from ladder_siam.io import storage``.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import tempfile
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+from types import TracebackType
+from typing import BinaryIO
+
+from ladder_siam.io import s3
+from ladder_siam.io.s3 import s3_client, set_s3_endpoint
+from ladder_siam.io.uri import (
+    FileInfo,
+    StorageError,
+    is_s3,
+    join,
+    local_path,
+    parent,
+    resolve,
+    split_s3,
+)
+
+__all__ = [
+    "FileInfo",
+    "ParallelWriter",
+    "StorageError",
+    "atomic_write",
+    "copy_file",
+    "delete",
+    "exists",
+    "is_s3",
+    "join",
+    "list_files",
+    "open_read",
+    "parent",
+    "read_bytes",
+    "read_text",
+    "resolve",
+    "s3_client",
+    "set_s3_endpoint",
+    "size",
+    "split_s3",
+    "write_bytes",
+    "write_text",
+]
+
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
+def _existing_file(uri: str) -> Path:
+    path = local_path(uri)
+    if not path.is_file():
+        raise FileNotFoundError(f"{uri}: no such file")
+    return path
+
+
+def list_files(prefix: str) -> Iterator[FileInfo]:
+    """Lists every object (file) under ``prefix``, recursively, in lexicographic order.
+
+    Args:
+        prefix: A folder URI; ``s3://bucket/data`` lists keys under ``data/``.
+
+    Raises:
+        StorageError: The prefix does not exist or cannot be listed.
+    """
+    if is_s3(prefix):
+        yield from s3.list_objects(prefix)
+        return
+    root = local_path(prefix)
+    if not root.is_dir():
+        raise StorageError(f"{prefix}: no such directory")
+    paths = sorted(p for p in root.rglob("*") if p.is_file())
+    for path in paths:
+        stat = path.stat()
+        uri = join(prefix, path.relative_to(root).as_posix())
+        yield FileInfo(uri=uri, size=stat.st_size, etag=str(stat.st_mtime_ns))
+
+
+def exists(uri: str) -> bool:
+    """Whether a file (object) exists at ``uri``."""
+    if is_s3(uri):
+        return s3.head(uri) is not None
+    return local_path(uri).is_file()
+
+
+def delete(uri: str) -> None:
+    """Deletes the file (object) at ``uri``; deleting what does not exist is not an error."""
+    if is_s3(uri):
+        s3.delete(uri)
+    else:
+        local_path(uri).unlink(missing_ok=True)
+
+
+def size(uri: str) -> int:
+    """Size of the file (object) at ``uri`` in bytes.
+
+    Raises:
+        FileNotFoundError: Nothing exists at ``uri``.
+    """
+    if not is_s3(uri):
+        return _existing_file(uri).stat().st_size
+    found = s3.head(uri)
+    if found is None:
+        raise FileNotFoundError(f"{uri}: no such object")
+    return found
+
+
+def open_read(uri: str) -> BinaryIO:
+    """Opens ``uri`` for a streaming, buffered binary read; nothing is downloaded up front.
+
+    On S3 a connection that breaks mid-object is re-opened at the current offset with a
+    ranged GET, so a days-long training run survives a flaky network.
+
+    Raises:
+        FileNotFoundError: Nothing exists at ``uri``.
+    """
+    if not is_s3(uri):
+        return _existing_file(uri).open("rb")
+    return io.BufferedReader(s3.S3RangeReader(uri), buffer_size=1024 * 1024)
+
+
+def read_bytes(uri: str) -> bytes:
+    """Reads the whole file (object) at ``uri``."""
+    with open_read(uri) as stream:
+        return stream.read()
+
+
+def read_text(uri: str) -> str:
+    """Reads the whole file (object) at ``uri`` as UTF-8 text."""
+    return read_bytes(uri).decode("utf-8")
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Writes ``data`` to ``uri`` atomically."""
+    with atomic_write(uri) as stream:
+        stream.write(data)
+
+
+def write_text(uri: str, text: str) -> None:
+    """Writes UTF-8 ``text`` to ``uri`` atomically."""
+    write_bytes(uri, text.encode("utf-8"))
+
+
+@contextmanager
+def atomic_write(uri: str) -> Iterator[BinaryIO]:
+    """Yields a binary stream whose content appears at ``uri`` only if the block succeeds.
+
+    Locally the data goes to a hidden temporary file in the destination folder, which is
+    renamed over ``uri`` at the end (``os.replace`` is atomic on POSIX). On S3 the data is
+    spooled to a temporary file and uploaded at the end, as a multipart upload when large;
+    S3 shows an object only once its upload completes and boto3 aborts failed uploads.
+    """
+    if is_s3(uri):
+        with tempfile.TemporaryFile(prefix="ladder-siam-upload-") as spool:
+            yield spool
+            spool.seek(0)
+            s3.upload(spool, uri)
+        return
+    path = local_path(uri)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        # No fsync: readers never see a partial file either way, and skipping it makes bulk
+        # writes of small files (demo data, receipts) several times faster. A power loss can
+        # leave a short file behind, which a rerun detects (shard sizes are checked on resume).
+        with os.fdopen(fd, "wb") as stream:
+            yield stream
+        # mkstemp creates 0600; give the file the permissions a plain open() would have.
+        os.chmod(tmp_name, 0o666 & ~_UMASK)
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+
+
+class ParallelWriter:
+    """Writes many files through a thread pool; use as a context manager.
+
+    Writing many small files is latency-bound (an S3 PUT is a round trip, a local atomic
+    write is three system calls) and releases the GIL, so a few threads overlap the waits
+    while the caller keeps producing. At most ``max_pending`` files are held in memory.
+    Leaving the block waits for every write and raises the first failure.
+
+    Args:
+        threads: Concurrent writes.
+        max_pending: Submitted but unfinished writes held before ``write`` blocks.
+    """
+
+    def __init__(self, threads: int = 16, max_pending: int = 256) -> None:
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="storage-write")
+        self._pending: deque[Future[None]] = deque()
+        self._max_pending = max_pending
+
+    def write(self, uri: str, data: bytes) -> None:
+        """Queues an atomic write of ``data`` to ``uri``."""
+        self._pending.append(self._pool.submit(write_bytes, uri, data))
+        while len(self._pending) > self._max_pending:
+            self._pending.popleft().result()
+
+    def __enter__(self) -> ParallelWriter:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self._pool.shutdown(cancel_futures=exc is not None)
+        if exc is None:
+            for future in self._pending:
+                future.result()
+
+
+def copy_file(source: str, dest: str) -> None:
+    """Copies one file between any two URIs (local or S3), atomically at the destination."""
+    with open_read(source) as src, atomic_write(dest) as dst:
+        shutil.copyfileobj(src, dst, length=1024 * 1024)

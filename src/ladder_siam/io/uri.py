@@ -1,0 +1,66 @@
+"""URIs: ``s3://bucket/key``, ``file:///abs/path`` or a plain path, and the errors about them.
+
+Everything here is string work with no I/O, so that both the local and the S3 half of
+:mod:`ladder_siam.io.storage` can build on it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+S3_SCHEME = "s3"
+
+
+class StorageError(OSError):
+    """An object-storage operation failed; the message names the URI."""
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    """One listed object: its URI, size in bytes and version tag (S3 ETag or mtime)."""
+
+    uri: str
+    size: int
+    etag: str
+
+
+def is_s3(uri: str) -> bool:
+    """Whether ``uri`` points into S3-compatible object storage."""
+    return uri.startswith(f"{S3_SCHEME}://")
+
+
+def local_path(uri: str) -> Path:
+    """The filesystem path of a plain path or ``file://`` URI."""
+    if uri.startswith("file://"):
+        return Path(urlparse(uri).path)
+    return Path(uri)
+
+
+def split_s3(uri: str) -> tuple[str, str]:
+    """(bucket, key) of an ``s3://`` URI."""
+    parsed = urlparse(uri)
+    if not parsed.netloc:
+        raise StorageError(f"{uri}: an S3 URI needs a bucket, as in s3://bucket/key")
+    return parsed.netloc, parsed.path.lstrip("/")
+
+
+def join(uri: str, *parts: str) -> str:
+    """Joins path segments onto a URI with ``/``, whatever its scheme."""
+    out = uri.rstrip("/")
+    for part in parts:
+        out = f"{out}/{part.strip('/')}"
+    return out
+
+
+def parent(uri: str) -> str:
+    """The URI of the folder (prefix) that holds ``uri``."""
+    return uri.rstrip("/").rsplit("/", 1)[0]
+
+
+def resolve(base_dir: str, reference: str) -> str:
+    """Resolves ``reference`` against the folder ``base_dir``, unless it is already absolute."""
+    if "://" in reference or reference.startswith("/"):
+        return reference
+    return join(base_dir, reference)

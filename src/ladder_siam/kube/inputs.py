@@ -1,0 +1,308 @@
+"""The pipeline's first step: validate every parameter, name the run, fingerprint the sources.
+
+It runs in seconds on a CPU pod, uncached, before any GPU is requested: a typo in a URI, a
+method name or a batch size that does not divide over the GPUs fails here with every problem
+listed, not an hour later on a GPU node.
+
+The fingerprint makes scheduled retraining see new data. It hashes the source listing (keys,
+sizes, ETags) and becomes an input of the cached shard-preparation step, so the cache reuses
+shards exactly while the data is unchanged. Shards go to ``datasets/<name>-<fingerprint>``:
+a run's dataset is never rewritten under it by a later run on newer data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ladder_siam import IMAGE
+from ladder_siam.io import storage
+from ladder_siam.kube.pytorchjob import LaunchConfig
+from ladder_siam.prep.sources import LAYOUTS
+from ladder_siam.pretrain.config import PretrainConfig, make_config
+from ladder_siam.runtime.run_folder import DATASETS, RunFolder
+from ladder_siam.runtime.typed_config import config_to_dict
+
+# Where pretraining runs: a PyTorchJob, or torchrun on this machine (kfp.local runs).
+BACKENDS = ("kubernetes", "local")
+_FINGERPRINT_CHARS = 12
+_NAME_CHARS = 40
+_NOT_NAME = re.compile(r"[^a-z0-9-]+")
+# A Kubernetes pod's own namespace, mounted with its service-account token.
+_POD_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+
+
+# The GPU steps' default placement: A100 nodes, tainted for GPU work only.
+A100_NODES = {"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB"}
+GPU_TOLERATIONS = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+
+
+@dataclass(frozen=True)
+class PipelineInputs:
+    """The pipeline's parameters: names, types and defaults in one place.
+
+    The pipeline's signature (``pipelines/ladder_siam.py``, which KFP reads for the UI's form)
+    takes its defaults from here, and its docstring explains each one; a test checks that the
+    pipeline, the ``check-inputs`` component and this class agree.
+    """
+
+    source_uri: str = "s3://datasets/imagenet-1k"
+    detection_source_uri: str = "s3://datasets/coco-2017"
+    segmentation_source_uri: str = "s3://datasets/voc-2012-aug"
+    output_uri: str = "s3://ladder-siam"
+    source_layout: str = "imagefolder"
+    run_name: str = ""
+    method: str = "ladder-byol"
+    pretrain_config: str = "configs/ladder-byol_r50_in1k_200ep.yaml"
+    arch: str = "resnet50"
+    epochs: int = 200
+    batch_size: int = 4096
+    nodes: int = 4
+    gpus_per_node: int = 8
+    sync_bn_scope: str = ""
+    image: str = IMAGE
+    namespace: str = ""
+    s3_secret: str = "ladder-siam-s3"
+    probe_preset: str = "paper"
+    detection_preset: str = "coco-1x"
+    segmentation_preset: str = "voc"
+    compare_runs: list[str] = field(default_factory=list)
+    shard_size: int = 1000
+    max_side: int = 0
+    prepare_workers: int = 8
+    gpu_node_selector: dict[str, str] = field(default_factory=lambda: dict(A100_NODES))
+    gpu_tolerations: list[dict[str, Any]] = field(default_factory=lambda: list(GPU_TOLERATIONS))
+    pretrain_deadline_hours: float = 168.0
+    launch_backend: str = "kubernetes"
+
+
+@dataclass(frozen=True)
+class DatasetPlan:
+    """Where one dataset comes from and where its shards go."""
+
+    source: str
+    layout: str
+    dest: str
+    fingerprint: str
+    files: int
+    bytes: int
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """What the later steps need: the run's name and folder, and each dataset's plan."""
+
+    run_name: str
+    run_uri: str
+    datasets: dict[str, DatasetPlan]
+    launch: dict[str, Any]
+
+
+def run_name(requested: str, job_name: str) -> str:
+    """The run's name: ``requested`` or, when empty, the KFP run's; a DNS-1123 label.
+
+    It names the run's folder, the PyTorchJob and the ``ladder-siam/run-id`` label, so it is
+    lower-cased, stripped to ``[a-z0-9-]`` and kept short enough for a job-name prefix.
+    """
+    name = _NOT_NAME.sub("-", (requested or job_name).lower()).strip("-")
+    name = name[:_NAME_CHARS].rstrip("-")
+    if not name:
+        raise ValueError(f"run_name {requested!r}: has no letters or digits to name a run by")
+    return name if name[0].isalpha() else f"run-{name}"[:_NAME_CHARS]
+
+
+def run_uri(output_uri: str, name: str) -> str:
+    """The run's folder under the output URI (see :mod:`ladder_siam.runtime.run_folder`)."""
+    return RunFolder.of(output_uri, name).uri
+
+
+def pod_namespace(requested: str) -> str:
+    """``requested``, or the namespace of the pod this runs in (a Kubeflow profile's)."""
+    if requested:
+        return requested
+    if _POD_NAMESPACE.is_file():
+        return _POD_NAMESPACE.read_text().strip()
+    raise ValueError("namespace: empty, and this is not a Kubernetes pod; name the namespace")
+
+
+def fingerprint_source(uri: str) -> tuple[str, int, int]:
+    """Hashes the listing of ``uri``: every relative key, size and ETag (mtime locally).
+
+    Returns:
+        The hex digest, the number of files and their total bytes.
+
+    Raises:
+        ValueError: ``uri`` holds no files.
+    """
+    digest = hashlib.sha256()
+    files = total = 0
+    prefix = uri.rstrip("/") + "/"
+    for info in storage.list_files(uri):
+        digest.update(f"{info.uri.removeprefix(prefix)}\0{info.size}\0{info.etag}\n".encode())
+        files, total = files + 1, total + info.size
+    if files == 0:
+        raise ValueError(f"{uri}: no files; is this the source dataset's folder?")
+    return digest.hexdigest(), files, total
+
+
+def validate(inputs: PipelineInputs, job_name: str) -> list[str]:
+    """Every problem with ``inputs``, each naming the parameter; empty when all are fine."""
+    problems = [
+        f"{name} {uri!r}: {problem}"
+        for name, uri in _uris(inputs)
+        if (problem := _uri_problem(uri)) is not None
+    ]
+    if inputs.launch_backend not in BACKENDS:
+        problems.append(f"launch_backend {inputs.launch_backend!r}: one of {', '.join(BACKENDS)}")
+    if inputs.pretrain_deadline_hours < 0:
+        problems.append(f"pretrain_deadline_hours {inputs.pretrain_deadline_hours}: 0 or more")
+    if inputs.source_layout not in LAYOUTS:
+        problems.append(f"source_layout {inputs.source_layout!r}: one of {', '.join(LAYOUTS)}")
+    for name in ("shard_size", "prepare_workers", "epochs", "batch_size", "nodes", "gpus_per_node"):
+        if getattr(inputs, name) < 1:
+            problems.append(f"{name} {getattr(inputs, name)}: at least 1")
+    if inputs.max_side and inputs.max_side < 16:
+        problems.append(f"max_side {inputs.max_side}: 0 (keep sizes) or at least 16 px")
+    if inputs.pretrain_config and not Path(inputs.pretrain_config).is_file():
+        problems.append(f"pretrain_config {inputs.pretrain_config!r}: no such preset file")
+    problems += _preset_problems(inputs)
+    problems += [f"compare_runs: {uri}: no backbone.json" for uri in _missing_runs(inputs)]
+    if problems:
+        return problems
+    try:
+        name = run_name(inputs.run_name, job_name)
+    except ValueError as error:
+        return [str(error)]
+    out = run_uri(inputs.output_uri, name)
+    world_size = inputs.nodes * inputs.gpus_per_node
+    # The trainer's and the launcher's own checks, on the settings they will be given.
+    try:
+        pretrain = pretrain_config(inputs, "validate://", out)
+    except ValueError as error:
+        return [*problems, str(error)]
+    for check in (
+        lambda: pretrain.validate(world_size),
+        lambda: launch_config(inputs, name, pretrain).validate(),
+    ):
+        try:
+            check()
+        except ValueError as error:
+            problems.append(str(error))
+    return problems
+
+
+def plan_run(inputs: PipelineInputs, job_name: str) -> RunPlan:
+    """Validates ``inputs`` and fingerprints the sources: the first step's whole work.
+
+    Args:
+        inputs: The pipeline's parameters.
+        job_name: The KFP run's name, which names the run when ``inputs.run_name`` is empty.
+
+    Returns:
+        The run's name and folder and, per dataset, its source, fingerprint and shard folder.
+
+    Raises:
+        ValueError: Listing every invalid parameter, or naming a source without files.
+    """
+    problems = validate(inputs, job_name)
+    if problems:
+        raise ValueError("invalid pipeline parameters:\n  " + "\n  ".join(problems))
+    name = run_name(inputs.run_name, job_name)
+    sources = {
+        "pretrain": (inputs.source_uri, inputs.source_layout),
+        "detection": (inputs.detection_source_uri, "coco"),
+        "segmentation": (inputs.segmentation_source_uri, "voc"),
+    }
+    datasets = {}
+    for dataset, (source, layout) in sources.items():
+        digest, files, total = fingerprint_source(source)
+        fingerprint = digest[:_FINGERPRINT_CHARS]
+        folder = _NOT_NAME.sub("-", source.rstrip("/").rsplit("/", 1)[-1].lower()).strip("-")
+        dest = storage.join(inputs.output_uri, DATASETS, f"{folder or dataset}-{fingerprint}")
+        datasets[dataset] = DatasetPlan(source, layout, dest, fingerprint, files, total)
+    uri = run_uri(inputs.output_uri, name)
+    pretrain = pretrain_config(inputs, datasets["pretrain"].dest, uri)
+    launch = launch_config(inputs, name, pretrain)
+    return RunPlan(name, uri, datasets, config_to_dict(launch))
+
+
+def _uris(inputs: PipelineInputs) -> list[tuple[str, str]]:
+    named = [
+        ("source_uri", inputs.source_uri),
+        ("detection_source_uri", inputs.detection_source_uri),
+        ("segmentation_source_uri", inputs.segmentation_source_uri),
+        ("output_uri", inputs.output_uri),
+    ]
+    return named + [("compare_runs", uri) for uri in inputs.compare_runs]
+
+
+def _uri_problem(uri: str) -> str | None:
+    if not uri:
+        return "empty; give s3://bucket/prefix, file:///abs/path or a path"
+    if "://" in uri and not uri.startswith(("s3://", "file:///")):
+        return "unsupported scheme; use s3://bucket/prefix, file:///abs/path or a path"
+    if storage.is_s3(uri) and not storage.split_s3(uri)[0]:
+        return "no bucket"
+    return None
+
+
+def _preset_problems(inputs: PipelineInputs) -> list[str]:
+    from ladder_siam.evals.detection import config as detection_config
+    from ladder_siam.evals.probe import config as probe_config
+    from ladder_siam.evals.segmentation import config as segmentation_config
+
+    presets = (
+        ("probe_preset", inputs.probe_preset, probe_config.PRESETS),
+        ("detection_preset", inputs.detection_preset, detection_config.PRESETS),
+        ("segmentation_preset", inputs.segmentation_preset, segmentation_config.PRESETS),
+    )
+    return [
+        f"{name} {value!r}: one of {', '.join(known)}"
+        for name, value, known in presets
+        if value not in known
+    ]
+
+
+def _missing_runs(inputs: PipelineInputs) -> list[str]:
+    return [
+        uri
+        for uri in inputs.compare_runs
+        if _uri_problem(uri) is None and not storage.exists(RunFolder(uri).backbone_info)
+    ]
+
+
+def pretrain_config(inputs: PipelineInputs, shards: str, out: str) -> PretrainConfig:
+    """The trainer's config: the preset file, overridden by the pipeline's parameters.
+
+    Raises:
+        ValueError: The preset cannot be read, or holds an unknown or mistyped setting.
+    """
+    overrides: dict[str, Any] = {
+        "shards": shards, "out": out, "method": inputs.method, "arch": inputs.arch,
+        "epochs": inputs.epochs, "batch_size": inputs.batch_size,
+    }  # fmt: skip
+    if inputs.sync_bn_scope:  # empty: the preset's
+        overrides["sync_bn_scope"] = inputs.sync_bn_scope
+    return make_config(inputs.pretrain_config or None, **overrides)
+
+
+def launch_config(inputs: PipelineInputs, name: str, pretrain: PretrainConfig) -> LaunchConfig:
+    """The PyTorchJob settings of a run; the job is named after the run."""
+    local = inputs.launch_backend == "local"
+    deadline = round(inputs.pretrain_deadline_hours * 3600) or None
+    return LaunchConfig(
+        name=f"ladder-siam-{name}",
+        namespace="local" if local else pod_namespace(inputs.namespace),
+        image=inputs.image,
+        run_id=name,
+        pretrain=pretrain,
+        nodes=inputs.nodes,
+        gpus_per_node=inputs.gpus_per_node,
+        node_selector=dict(inputs.gpu_node_selector),
+        tolerations=tuple(inputs.gpu_tolerations),
+        s3_secret=inputs.s3_secret or None,
+        active_deadline_seconds=deadline,
+    )

@@ -1,0 +1,269 @@
+"""What each Kubeflow pipeline step does, as library functions the components call.
+
+A component (``components/``) maps its KFP inputs and outputs to one function here. The data
+itself lives under the run's output URI in object storage (layout in
+:mod:`ladder_siam.runtime.run_folder`); the KFP
+artifacts are small pointers to it: a ``Dataset`` holds the dataset's ``manifest.json`` and
+its URI in ``metadata["uri"]``, a ``Model`` holds ``backbone.json`` and the ``backbone.pt``
+URI. So a run's outputs are in one place users can pull from, whatever KFP's own artifact
+store is, and passing a dataset between steps copies a few kilobytes, not the shards.
+
+Each function also logs the step's key numbers into a ``Metrics`` artifact, so the KFP UI's
+run comparison shows them side by side.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+from ladder_siam.io import storage
+from ladder_siam.kube.inputs import PipelineInputs, RunPlan, plan_run, run_name
+from ladder_siam.kube.pytorchjob import LaunchConfig
+from ladder_siam.runtime.metrics import push_job_metrics
+from ladder_siam.runtime.run_folder import RunFolder
+from ladder_siam.runtime.typed_config import config_from_dict
+
+logger = logging.getLogger(__name__)
+
+
+class Artifact(Protocol):
+    """The part of a KFP artifact (``dsl.Dataset``, ``dsl.Model``, ...) a step uses."""
+
+    path: str
+    metadata: dict[str, Any]
+
+
+class MetricsArtifact(Artifact, Protocol):
+    """A KFP ``dsl.Metrics`` artifact."""
+
+    def log_metric(self, metric: str, value: float) -> None:
+        """Records one number for the UI."""
+
+
+class ClassificationArtifact(Artifact, Protocol):
+    """A KFP ``dsl.ClassificationMetrics`` artifact."""
+
+    def log_confusion_matrix(self, categories: list[str], matrix: list[list[int]]) -> None:
+        """Records a confusion matrix (rows: true class) for the UI to draw."""
+
+
+def check_inputs(inputs: PipelineInputs, job_name: str) -> RunPlan:
+    """The first step: validates the parameters and fingerprints the sources.
+
+    See :func:`ladder_siam.kube.inputs.plan_run`.
+    """
+    plan = plan_run(inputs, job_name)
+    for name, dataset in plan.datasets.items():
+        logger.info(
+            "%s: %s, %d files, %.1f MB, fingerprint %s -> %s",
+            name, dataset.source, dataset.files, dataset.bytes / 1e6, dataset.fingerprint,
+            dataset.dest,
+        )  # fmt: skip
+    logger.info("run %s -> %s", plan.run_name, plan.run_uri)
+    return plan
+
+
+def prepare_dataset(
+    source: str,
+    layout: str,
+    dest: str,
+    fingerprint: str,
+    shard_size: int,
+    max_side: int,
+    workers: int,
+    dataset: Artifact,
+    metrics: MetricsArtifact,
+) -> None:
+    """Shards one source dataset into ``dest`` and points ``dataset`` at it.
+
+    Args:
+        source: The source dataset's folder URI.
+        layout: Its layout (imagefolder, coco, voc, flat).
+        dest: The shards' folder URI.
+        fingerprint: The source listing's fingerprint; an input only so that KFP's cache
+            reuses this step exactly while the source is unchanged.
+        shard_size: Inputs per shard.
+        max_side: Down-scale larger images to this longer side; 0 keeps sizes.
+        workers: Decoding processes.
+        dataset: Output: receives ``manifest.json`` and ``metadata["uri"]``.
+        metrics: Output: samples and shards per split.
+    """
+    from ladder_siam.prep.prepare_shards import prepare_shards
+
+    manifest = prepare_shards(source, dest, layout, shard_size, max_side or None, workers)
+    storage.write_text(dataset.path, manifest.to_json())
+    dataset.metadata.update(
+        uri=dest, source=source, layout=layout, fingerprint=fingerprint,
+        classes=len(manifest.classes), splits=sorted(manifest.splits),
+    )  # fmt: skip
+    for split, summary in manifest.splits.items():
+        metrics.log_metric(f"{split}_samples", summary.num_samples)
+        metrics.log_metric(f"{split}_shards", summary.num_shards)
+        metrics.log_metric(f"{split}_skipped", summary.num_skipped)
+
+
+def launch_config_from_dict(settings: Mapping[str, Any]) -> LaunchConfig:
+    """Rebuilds the :class:`LaunchConfig` that ``check-inputs`` handed over as JSON.
+
+    KFP's protobuf ``Struct`` made its integers floats and its tuples lists; the fields' types
+    restore them, the nested pretraining config included.
+    """
+    return config_from_dict(LaunchConfig, settings, "pretrain step's launch settings")
+
+
+def pretrain(
+    dataset: Artifact,
+    launch: Mapping[str, Any],
+    backend: str,
+    model: Artifact,
+    metrics: MetricsArtifact,
+) -> None:
+    """Runs pretraining (a PyTorchJob, or torchrun here) and points ``model`` at the backbone.
+
+    Args:
+        dataset: The pretraining shards (a dependency; ``launch`` already names them).
+        launch: The job's settings from the first step (a ``LaunchConfig`` as a dict).
+        backend: ``kubernetes`` (a PyTorchJob) or ``local`` (torchrun on this machine).
+        model: Output: receives ``backbone.json`` and ``metadata["uri"]`` of ``backbone.pt``.
+        metrics: Output: the last logged loss and output spread per level, and images/s.
+    """
+    from ladder_siam.kube import launch as launcher
+    from ladder_siam.runtime.train_log import read_train_log
+
+    config = launch_config_from_dict(launch)
+    run = RunFolder(config.pretrain.out)
+    logger.info(
+        "pretraining on %s -> %s (%s backend)", dataset.metadata.get("uri"), run.uri, backend
+    )
+    if backend == "local":
+        launcher.run_local(config)
+    else:
+        launcher.run(config)
+
+    info_text = storage.read_text(run.backbone_info)
+    storage.write_text(model.path, info_text)
+    model.metadata.update(
+        uri=run.backbone, run_uri=run.uri, run_id=config.run_id, **json.loads(info_text)
+    )
+    last = read_train_log(run.uri)[-1]
+    for key, value in last.items():
+        if key.startswith(("loss", "std_")) or key in ("step", "epoch", "images_per_second"):
+            metrics.log_metric(key, value)
+
+
+def linear_probe(
+    model: Artifact,
+    dataset: Artifact,
+    preset: str,
+    metrics: MetricsArtifact,
+    classification: ClassificationArtifact,
+) -> dict[str, Any]:
+    """Per-stage linear probe and kNN of the run's backbone; writes ``eval/linear_probe``.
+
+    ``classification`` gets the deepest stage's confusion matrix, when there are few enough
+    classes to draw one (see :data:`ladder_siam.evals.probe.heads.CONFUSION_MAX_CLASSES`).
+    """
+    from ladder_siam.evals.probe.config import make_config
+    from ladder_siam.evals.probe.linear_probe import linear_probe as probe
+
+    config = make_config(preset, **_eval_paths(model, dataset, "linear_probe"))
+    result = _log_scalars(probe(config), metrics)
+    matrix = result["confusion"].get(list(result["stages"])[-1])
+    if matrix is not None:
+        classification.log_confusion_matrix(result["classes"], matrix)
+    return result
+
+
+def finetune_detection(
+    model: Artifact, dataset: Artifact, preset: str, metrics: MetricsArtifact
+) -> dict[str, Any]:
+    """Mask R-CNN finetune and COCO evaluation; writes ``eval/detection``."""
+    from ladder_siam.evals.detection.config import make_config
+    from ladder_siam.evals.detection.finetune import finetune_detection as finetune
+
+    config = make_config(preset, **_eval_paths(model, dataset, "detection"))
+    return _log_scalars(finetune(config), metrics)
+
+
+def finetune_segmentation(
+    model: Artifact, dataset: Artifact, preset: str, metrics: MetricsArtifact
+) -> dict[str, Any]:
+    """FCN-D8 finetune and mIoU evaluation; writes ``eval/segmentation``."""
+    from ladder_siam.evals.segmentation.config import make_config
+    from ladder_siam.evals.segmentation.finetune import finetune_segmentation as finetune
+
+    config = make_config(preset, **_eval_paths(model, dataset, "segmentation"))
+    return _log_scalars(finetune(config), metrics)
+
+
+def write_report(
+    model: Artifact,
+    dataset: Artifact,
+    compare_runs: list[str],
+    metrics: MetricsArtifact,
+    markdown: Artifact,
+    html: Artifact,
+) -> None:
+    """The report on this run (after ``compare_runs``, the first being the baseline).
+
+    Written to ``<run>/report`` and into the KFP ``Markdown`` and ``HTML`` artifacts the UI
+    shows; its numbers go into ``metrics``. The analyses (view distances, gradient maps) use
+    the pretraining dataset's val split.
+    """
+    from ladder_siam.report.build import ReportConfig, make_report, write_kfp_outputs
+
+    run = RunFolder(model.metadata["run_uri"])
+    report = make_report(
+        ReportConfig(
+            runs=[*compare_runs, run.uri],
+            out=run.report,
+            analysis_images=storage.join(dataset.metadata["uri"], "val"),
+        )
+    )
+    write_kfp_outputs(report, metrics.path, markdown.path, html.path)
+    for name, value in report.summary["scalars"].items():
+        metrics.log_metric(name, value)
+
+
+def record_status(
+    output_uri: str, requested_run_name: str, job_name: str, state: str, error: str
+) -> dict[str, Any]:
+    """The exit handler: writes ``<run>/pipeline_status.json`` and pushes the outcome.
+
+    It runs whether the pipeline succeeded or failed, so the run folder always says how the
+    run ended, and ``ladder_siam_pipeline_succeeded`` alerts on a failed scheduled run.
+    """
+    name = run_name(requested_run_name, job_name)
+    status = {
+        "run_name": name, "kfp_run": job_name, "state": state, "error": error,
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }  # fmt: skip
+    storage.write_text(
+        RunFolder.of(output_uri, name).pipeline_status, json.dumps(status, indent=2) + "\n"
+    )
+    succeeded = state == "SUCCEEDED"
+    push_job_metrics("pipeline", {"pipeline_succeeded": float(succeeded)}, success=succeeded)
+    log = logger.info if succeeded else logger.error
+    log("pipeline run %s ended %s%s", name, state, f": {error}" if error else "")
+    return status
+
+
+def _eval_paths(model: Artifact, dataset: Artifact, evaluation: str) -> dict[str, str]:
+    """An evaluation's inputs and output folder; the rest of its config is the preset's."""
+    data = dataset.metadata["uri"]
+    return {
+        "backbone": model.metadata["uri"],
+        "train": storage.join(data, "train"),
+        "val": storage.join(data, "val"),
+        "out": RunFolder(model.metadata["run_uri"]).eval(evaluation),
+    }
+
+
+def _log_scalars(result: dict[str, Any], metrics: MetricsArtifact) -> dict[str, Any]:
+    for name, value in result.get("scalars", {}).items():
+        metrics.log_metric(name, value)
+    return result

@@ -1,0 +1,7 @@
+"""Preparing datasets: sources in four layouts, turned into webdataset shards.
+
+:mod:`.sources` lists an imagefolder, COCO, VOC or flat source; :mod:`.images` validates and
+normalises each image; :mod:`.samples` encodes samples with their labels;
+:mod:`.prepare_shards` is the ``prepare-shards`` step (deterministic, resumable, every skip
+listed). :mod:`.demo_data`, :mod:`.scenes` and :mod:`.fashion_mnist` make the built-in data.
+"""

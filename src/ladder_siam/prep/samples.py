@@ -1,0 +1,171 @@
+"""Turning one listed input into one shard sample, per layout.
+
+A sample is ``<key>.jpg`` (RGB JPEG) plus, depending on the layout, ``<key>.cls`` (class
+index as text), ``<key>.json`` (instances: boxes, compressed-RLE masks, classes) and
+``<key>.png`` (semantic mask, class index per pixel). When an image is down-scaled or
+re-oriented, its annotations are transformed with it.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from pycocotools import mask as coco_mask
+
+from ladder_siam.data.tar_shards import Sample
+from ladder_siam.io import storage
+from ladder_siam.prep import images
+from ladder_siam.prep.images import InvalidImageError, NormalizedImage
+from ladder_siam.prep.sources import SourceItem
+
+FIELDS = {
+    "imagefolder": ["jpg", "cls"],
+    "flat": ["jpg"],
+    "coco": ["jpg", "json"],
+    "voc": ["jpg", "png"],
+}
+
+
+def build_sample(
+    item: SourceItem, key: str, layout: str, max_side: int | None, category_index: dict[int, int]
+) -> Sample:
+    """Reads, validates and converts one input.
+
+    Args:
+        item: The listed input.
+        key: The sample's key in its shard.
+        layout: The source layout (decides the sample's fields).
+        max_side: Down-scale limit for the longer image side.
+        category_index: COCO category id -> contiguous class index.
+
+    Raises:
+        InvalidImageError: The input cannot be used; the reason says why.
+    """
+    data = _read(item.image)
+    if layout == "coco":
+        assert item.annotation is not None
+        record = item.annotation
+        size = (int(record["width"]), int(record["height"]))
+        image = _normalize_to_size(data, max_side, size, "annotation")
+        instances = _coco_instances(record, image, category_index)
+        return {"__key__": key, "jpg": image.jpeg, "json": json.dumps(instances)}
+    if layout == "voc":
+        assert item.mask is not None
+        mask = images.decode(_read(item.mask))
+        if mask.mode not in ("P", "L"):
+            raise InvalidImageError(
+                "bad-mask", f"{item.mask}: mode {mask.mode}, expected class indices"
+            )
+        image = _normalize_to_size(data, max_side, mask.size, "mask")
+        return {"__key__": key, "jpg": image.jpeg, "png": _encode_mask(mask, image)}
+    image = images.normalize(data, max_side)
+    sample: Sample = {"__key__": key, "jpg": image.jpeg}
+    if layout == "imagefolder":
+        sample["cls"] = str(item.label)
+    return sample
+
+
+def _read(uri: str) -> bytes:
+    try:
+        return storage.read_bytes(uri)
+    except OSError as error:
+        raise InvalidImageError("read-error", str(error)) from error
+
+
+def _normalize_to_size(
+    data: bytes, max_side: int | None, size: tuple[int, int], what: str
+) -> NormalizedImage:
+    """Normalises an annotated image whose annotations were drawn at ``size``.
+
+    Annotation tools disagree on whether EXIF orientation was applied before drawing, so the
+    orientation that matches the annotation's size wins.
+    """
+    image = images.normalize(data, max_side)
+    if image.source_size != size and image.exif_transposed:
+        image = images.normalize(data, max_side, apply_exif=False)
+    if image.source_size != size:
+        raise InvalidImageError(
+            "size-mismatch", f"image is {image.source_size}, its {what} says {size}"
+        )
+    return image
+
+
+def _encode_mask(mask: Image.Image, image: NormalizedImage) -> bytes:
+    if image.scale == 1.0:
+        target = mask
+    else:
+        # Nearest keeps class indices valid; interpolating them would invent classes.
+        target = mask.resize((image.width, image.height), Image.Resampling.NEAREST)
+    buffer = io.BytesIO()
+    target.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _coco_instances(
+    record: dict[str, Any], image: NormalizedImage, category_index: dict[int, int]
+) -> dict[str, Any]:
+    height, width = int(record["height"]), int(record["width"])
+    instances = []
+    for annotation in record["annotations"]:
+        try:
+            x, y, w, h = (float(v) * image.scale for v in annotation["bbox"])
+            category = category_index[int(annotation["category_id"])]
+            rle = _to_rle(annotation.get("segmentation"), height, width)
+        except (KeyError, ValueError, TypeError) as error:
+            raise InvalidImageError(
+                "bad-annotation", f"annotation {annotation.get('id')}: {error!r}"
+            ) from error
+        if rle is not None and image.scale != 1.0:
+            rle = _resize_rle(rle, image.width, image.height)
+        instances.append(
+            {
+                "bbox": [x, y, w, h],
+                "category": category,
+                "category_id": int(annotation["category_id"]),
+                "iscrowd": int(annotation.get("iscrowd", 0)),
+                "area": float(coco_mask.area(rle)) if rle is not None else w * h,
+                "segmentation": _jsonable(rle),
+            }
+        )
+    return {
+        "image_id": record["id"],
+        "file_name": record["file_name"],
+        "width": image.width,
+        "height": image.height,
+        "instances": instances,
+    }
+
+
+def _to_rle(segmentation: Any, height: int, width: int) -> dict[str, Any] | None:
+    """Any COCO segmentation (polygons, uncompressed or compressed RLE) as compressed RLE."""
+    if not segmentation:
+        return None
+    if isinstance(segmentation, list):
+        polygons = [p for p in segmentation if len(p) >= 6]
+        if not polygons:
+            raise ValueError("polygon with fewer than three points")
+        return coco_mask.merge(coco_mask.frPyObjects(polygons, height, width))
+    if isinstance(segmentation["counts"], list):
+        return coco_mask.frPyObjects(segmentation, height, width)
+    counts = segmentation["counts"]
+    return {
+        "size": segmentation["size"],
+        "counts": counts.encode() if isinstance(counts, str) else counts,
+    }
+
+
+def _resize_rle(rle: dict[str, Any], width: int, height: int) -> dict[str, Any]:
+    binary = coco_mask.decode(rle) * 255
+    # Bilinear then a 50 % threshold keeps thin parts better than nearest-neighbour.
+    resized = Image.fromarray(binary).resize((width, height), Image.Resampling.BILINEAR)
+    return coco_mask.encode(np.asfortranarray(np.asarray(resized) >= 128, dtype=np.uint8))
+
+
+def _jsonable(rle: dict[str, Any] | None) -> dict[str, Any] | None:
+    if rle is None:
+        return None
+    return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
