@@ -36,6 +36,7 @@ from bench_step import VARIANTS, add_model_arguments  # this folder is on sys.pa
 
 from ladder_siam.prep.demo_data import make_demo_data
 from ladder_siam.prep.prepare_shards import prepare_shards
+from ladder_siam.runtime.train_log import read_train_log
 
 HERE = Path(__file__).resolve().parent
 
@@ -108,7 +109,7 @@ def end_to_end(args: argparse.Namespace, shards_uri: str, out: Path) -> dict:
         subprocess.run(command, check=True)
     finally:
         sampler.stop()
-    log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+    log = read_train_log(str(run))
     # The first intervals hold compilation and the loader's start; the rest is steady.
     steady = [record for record in log if record["step"] > args.warmup]
     if not steady:

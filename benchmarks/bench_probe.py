@@ -39,7 +39,8 @@ from ladder_siam.evals.probe.features import (
     to_model_input,
 )
 from ladder_siam.evals.probe.heads import StageHeads, evaluate_heads, summed_loss, train_heads
-from ladder_siam.nets.backbones import STAGES, torchvision_resnet
+from ladder_siam.nets.archs import STAGES
+from ladder_siam.nets.backbones import torchvision_resnet
 from ladder_siam.prep.demo_data import make_demo_data
 from ladder_siam.prep.prepare_shards import prepare_shards
 from ladder_siam.runtime.schedules import warmup_cosine

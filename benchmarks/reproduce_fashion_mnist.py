@@ -65,6 +65,8 @@ import yaml
 
 import ladder_siam
 from ladder_siam.prep.fashion_mnist import CLASS_NAMES
+from ladder_siam.runtime.run_folder import RunFolder
+from ladder_siam.runtime.train_log import read_train_log
 
 REPO = Path(__file__).resolve().parents[1]
 GPU_PRESET = REPO / "configs" / "fashion_mnist_r18.yaml"
@@ -127,8 +129,8 @@ def probe(
     # crop-fraction 1: the 28 px garment fills its frame, so the whole image is upscaled to
     # 32 px rather than its border cut off (pretraining's largest crops see it whole).
     return cli(
-        "linear-probe", "--backbone", run / "backbone.pt", "--train", shards / "train",
-        "--val", shards / "val", "--out", run / "eval" / "linear_probe",
+        "linear-probe", "--backbone", RunFolder(str(run)).backbone, "--train", shards / "train",
+        "--val", shards / "val", "--out", RunFolder(str(run)).eval("linear_probe"),
         "--protocol", "fast", "--stages", ",".join(STAGES), "--arch", preset["arch"],
         "--image-size", preset["image_size"], "--crop-fraction", 1.0,
         "--epochs", args.probe_epochs, "--batch-size", 256, "--extract-batch-size", 256,
@@ -170,8 +172,8 @@ def collect(runs: dict[str, Path], report: Path) -> dict[str, dict[str, Any]]:
     distances = read_json(report / "summary.json")["analysis"].get("view_distance") or {}
     results = {}
     for method, run in runs.items():
-        stages = read_json(run / "eval" / "linear_probe" / "metrics.json")["stages"]
-        log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+        stages = read_json(Path(RunFolder(str(run)).eval_metrics("linear_probe")))["stages"]
+        log = read_train_log(str(run))
         # The last line with losses; the final line of a run may hold only a summary.
         last = next((entry for entry in reversed(log) if "loss_res5" in entry), {})
         results[method] = {

@@ -43,7 +43,7 @@ def check_inputs(
     [
         ("run_name", str),
         ("run_uri", str),
-        ("launch", dict),
+        ("launch", str),
         ("pretrain_dest", str),
         ("pretrain_fingerprint", str),
         ("detection_dest", str),

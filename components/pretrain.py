@@ -9,7 +9,7 @@ from ladder_siam.components import IMAGE
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def pretrain(
     dataset: Input[Dataset],
-    launch: dict,
+    launch: str,
     backend: str,
     model: Output[Model],
     metrics: Output[Metrics],

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from ladder_siam.pretrain import losses
+from ladder_siam.pretrain.levels import ladder_weights
 from ladder_siam.pretrain.losses import (
     byol_loss,
     dense_byol_loss,
-    ladder_weights,
     match_positions,
     output_std,
 )

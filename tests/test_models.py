@@ -6,8 +6,10 @@ import pytest
 import torch
 import torchvision
 
-from ladder_siam.nets.backbones import ARCHS, ResNetStages, torchvision_resnet
-from ladder_siam.pretrain.model import LadderSiam, parse_levels
+from ladder_siam.nets.archs import ARCHS
+from ladder_siam.nets.backbones import ResNetStages, torchvision_resnet
+from ladder_siam.pretrain.levels import parse_levels
+from ladder_siam.pretrain.model import LadderSiam
 
 CHANNELS = {
     "resnet18": [64, 128, 256, 512],

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import yaml
 from crd_schemas import crd_errors
-from google.protobuf import json_format, struct_pb2
+from google.protobuf import json_format
 from kfp.pipeline_spec import pipeline_spec_pb2
 
 from ladder_siam import cli
@@ -20,7 +20,7 @@ from ladder_siam.components import IMAGE
 from ladder_siam.io import storage
 from ladder_siam.kube.inputs import PipelineInputs, plan_run, pretrain_config, run_name
 from ladder_siam.kube.pytorchjob import build_pytorchjob
-from ladder_siam.kube.steps import launch_config_from_dict
+from ladder_siam.kube.steps import launch_config_from_json
 from ladder_siam.pipelines.ladder_siam import S3_SECRET_KEYS, SETTINGS_CONFIG_MAP
 from ladder_siam.pipelines.runs import COMPILED, run_local
 from ladder_siam.prep.demo_data import make_demo_data
@@ -227,20 +227,13 @@ def inputs(sources: Path, output: Path, **overrides: Any) -> PipelineInputs:
     return PipelineInputs(**settings)
 
 
-def through_kfp(value: dict[str, Any]) -> dict[str, Any]:
-    """A dict parameter as the next step receives it: a protobuf Struct (numbers are floats)."""
-    struct = struct_pb2.Struct()
-    struct.update(json.loads(json.dumps(value)))
-    return json_format.MessageToDict(struct)
-
-
 def test_the_pretrain_step_launches_four_nodes_of_eight_gpus_that_match_the_crd(
     sources: Path, tmp_path: Path
 ) -> None:
     settings = inputs(sources, tmp_path, run_name="R50 Ladder_200ep", sync_bn_scope="node")
     plan = plan_run(settings, "ignored")
     assert plan.run_name == "r50-ladder-200ep"
-    launch = launch_config_from_dict(through_kfp(plan.launch))
+    launch = launch_config_from_json(plan.launch)
     job = build_pytorchjob(launch)
 
     assert crd_errors(job) == []
@@ -255,7 +248,7 @@ def test_the_pretrain_step_launches_four_nodes_of_eight_gpus_that_match_the_crd(
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "8"
     assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB"}
     assert container["envFrom"] == [{"secretRef": {"name": "ladder-siam-s3"}}]
-    # The trainer's config crossed KFP as typed data: the same config, ints still ints.
+    # The trainer's config crosses KFP as typed data: the same config, ints still ints.
     out = str(tmp_path / "runs" / "r50-ladder-200ep")
     dest = plan.datasets["pretrain"].dest
     assert launch.pretrain == pretrain_config(settings, dest, out)
@@ -274,7 +267,7 @@ def test_an_empty_sync_bn_scope_leaves_the_presets_own(sources: Path, tmp_path: 
     paper = (REPO / "configs" / "ladder-byol_r50_in1k_200ep.yaml").read_text()
     preset.write_text(paper + "sync_bn_scope: node\n")
     plan = plan_run(inputs(sources, tmp_path, pretrain_config=str(preset)), "job")
-    assert launch_config_from_dict(plan.launch).pretrain.sync_bn_scope == "node"
+    assert launch_config_from_json(plan.launch).pretrain.sync_bn_scope == "node"
 
 
 def test_every_bad_parameter_is_reported_at_once_before_any_work(

@@ -13,6 +13,7 @@ a run's dataset is never rewritten under it by a later run on newer data.
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -98,7 +99,7 @@ class RunPlan:
     run_name: str
     run_uri: str
     datasets: dict[str, DatasetPlan]
-    launch: dict[str, Any]
+    launch: str
 
 
 def run_name(requested: str, job_name: str) -> str:
@@ -226,7 +227,9 @@ def plan_run(inputs: PipelineInputs, job_name: str) -> RunPlan:
     uri = run_uri(inputs.output_uri, name)
     pretrain = pretrain_config(inputs, datasets["pretrain"].dest, uri)
     launch = launch_config(inputs, name, pretrain)
-    return RunPlan(name, uri, datasets, config_to_dict(launch))
+    # As a JSON string, not a KFP dict parameter: a protobuf Struct cannot hold None (an unset
+    # deadline, metrics off) and would turn every integer into a float.
+    return RunPlan(name, uri, datasets, json.dumps(config_to_dict(launch), sort_keys=True))
 
 
 def _uris(inputs: PipelineInputs) -> list[tuple[str, str]]:

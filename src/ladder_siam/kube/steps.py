@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Mapping
 from typing import Any, Protocol
 
 from ladder_siam.io import storage
@@ -106,18 +105,18 @@ def prepare_dataset(
         metrics.log_metric(f"{split}_skipped", summary.num_skipped)
 
 
-def launch_config_from_dict(settings: Mapping[str, Any]) -> LaunchConfig:
+def launch_config_from_json(text: str) -> LaunchConfig:
     """Rebuilds the :class:`LaunchConfig` that ``check-inputs`` handed over as JSON.
 
-    KFP's protobuf ``Struct`` made its integers floats and its tuples lists; the fields' types
-    restore them, the nested pretraining config included.
+    Every value is checked against its field's type, the nested pretraining config's too, and
+    JSON's lists become tuples where a field is a tuple.
     """
-    return config_from_dict(LaunchConfig, settings, "pretrain step's launch settings")
+    return config_from_dict(LaunchConfig, json.loads(text), "the pretrain step's launch settings")
 
 
 def pretrain(
     dataset: Artifact,
-    launch: Mapping[str, Any],
+    launch: str,
     backend: str,
     model: Artifact,
     metrics: MetricsArtifact,
@@ -126,7 +125,7 @@ def pretrain(
 
     Args:
         dataset: The pretraining shards (a dependency; ``launch`` already names them).
-        launch: The job's settings from the first step (a ``LaunchConfig`` as a dict).
+        launch: The job's settings from the first step (a ``LaunchConfig`` as JSON).
         backend: ``kubernetes`` (a PyTorchJob) or ``local`` (torchrun on this machine).
         model: Output: receives ``backbone.json`` and ``metadata["uri"]`` of ``backbone.pt``.
         metrics: Output: the last logged loss and output spread per level, and images/s.
@@ -134,7 +133,7 @@ def pretrain(
     from ladder_siam.kube import launch as launcher
     from ladder_siam.runtime.train_log import read_train_log
 
-    config = launch_config_from_dict(launch)
+    config = launch_config_from_json(launch)
     run = RunFolder(config.pretrain.out)
     logger.info(
         "pretraining on %s -> %s (%s backend)", dataset.metadata.get("uri"), run.uri, backend

@@ -10,8 +10,7 @@ import torch
 import torchvision
 from torch import nn
 
-ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101")
-STAGES = ("res2", "res3", "res4", "res5")
+from ladder_siam.nets.archs import ARCHS, STAGES
 
 
 class ResNetStages(nn.Module):

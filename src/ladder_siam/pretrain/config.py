@@ -17,9 +17,8 @@ from typing import Any
 import yaml
 
 from ladder_siam.io import storage
-from ladder_siam.nets.backbones import ARCHS
-from ladder_siam.pretrain.losses import ladder_weights
-from ladder_siam.pretrain.model import parse_levels
+from ladder_siam.nets.archs import ARCHS
+from ladder_siam.pretrain.levels import ladder_weights, parse_levels
 from ladder_siam.runtime.flags import add_config_flags, explicit_flags
 from ladder_siam.runtime.typed_config import check_fields
 

@@ -4,7 +4,6 @@
   projection (paper Eq. 3; Eq. 5 applies it at every stage with its own heads).
 * :func:`dense_byol_loss`: DenseBYOL (Eq. 7), the same regression for every position of a
   feature map against the target position it matches best.
-* :func:`ladder_weights`: the halving heuristic for the weights of the stage losses (Eq. 6).
 
 Each takes one direction (view a predicts view b); the model sums both directions, as BYOL's
 symmetrised loss does.
@@ -89,22 +88,6 @@ def dense_byol_loss(
     prediction = F.normalize(prediction.flatten(2).float(), dim=1)
     aligned = F.normalize(aligned.float(), dim=1)
     return (2 - 2 * (prediction * aligned).sum(dim=1)).mean()
-
-
-def ladder_weights(w: float = 0.5, levels: int = 4) -> list[float]:
-    """Loss weights of the stages, lowest first, by the halving heuristic of Eq. 6.
-
-    ``w_i = 2^(i - N) w`` for the intermediate stages ``i = 1 .. N-1`` and 1 for the top:
-    every stage one step further from the output gets half the weight. The default gives the
-    paper's res2..res5 weights ``1/16, 1/8, 1/4, 1``.
-
-    Args:
-        w: The coefficient ``w`` of Eq. 6.
-        levels: Number of supervised stages ``N``, the top included.
-    """
-    if levels < 1:
-        raise ValueError(f"levels must be at least 1, got {levels}")
-    return [2.0 ** (i - levels) * w for i in range(1, levels)] + [1.0]
 
 
 def output_std(projection: torch.Tensor) -> torch.Tensor:

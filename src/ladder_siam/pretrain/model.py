@@ -22,32 +22,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ladder_siam.nets.backbones import STAGES, ResNetStages
+from ladder_siam.nets.archs import STAGES
+from ladder_siam.nets.backbones import ResNetStages
 from ladder_siam.pretrain.heads import ConvHead, MLPHead
-from ladder_siam.pretrain.losses import byol_loss, dense_byol_loss, ladder_weights, output_std
-
-METHODS = {
-    "byol": "---G",
-    "ladder-byol": "GGGG",
-    "dense-byol": "---D",
-    "ladder-dense-byol": "DDGG",
-}
-LEVEL_KINDS = frozenset("GD-")
-
-
-def parse_levels(method_or_levels: str) -> str:
-    """Resolves a method name (``ladder-byol``) or a level string (``DDGG``) to levels.
-
-    Raises:
-        ValueError: Neither a known method nor four letters of G, D and -.
-    """
-    levels = METHODS.get(method_or_levels, method_or_levels)
-    if len(levels) != len(STAGES) or not set(levels) <= LEVEL_KINDS or levels[-1] == "-":
-        raise ValueError(
-            f"method {method_or_levels!r}: expected one of {', '.join(METHODS)} or four "
-            "letters of G (global), D (dense) and - (none) for res2..res5, with a loss on res5"
-        )
-    return levels
+from ladder_siam.pretrain.levels import ladder_weights, parse_levels
+from ladder_siam.pretrain.losses import byol_loss, dense_byol_loss, output_std
 
 
 @dataclass

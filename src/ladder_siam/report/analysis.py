@@ -21,8 +21,9 @@ from torch import Tensor
 from ladder_siam.data.crops import TwoViewCrop
 from ladder_siam.data.manifest import load_split
 from ladder_siam.data.splits import SplitReader
+from ladder_siam.nets.archs import STAGES
 from ladder_siam.nets.backbone_file import load_backbone
-from ladder_siam.nets.backbones import STAGES, ResNetStages
+from ladder_siam.nets.backbones import ResNetStages
 from ladder_siam.pretrain.augmentation import TwoViewPhotometric
 from ladder_siam.pretrain.model import LadderSiam
 from ladder_siam.runtime import checkpoint

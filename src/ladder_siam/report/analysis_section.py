@@ -12,7 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from ladder_siam.nets.backbones import STAGES, ResNetStages
+from ladder_siam.nets.archs import STAGES
+from ladder_siam.nets.backbones import ResNetStages
 from ladder_siam.report import figures as report_figures
 from ladder_siam.report.analysis import (
     augment_views,

@@ -21,7 +21,7 @@ from typing import Any
 
 from ladder_siam.data.manifest import load_split
 from ladder_siam.io import storage
-from ladder_siam.nets.backbones import STAGES
+from ladder_siam.nets.archs import STAGES
 from ladder_siam.report.analysis_section import AnalysisSettings, analysis_sections
 from ladder_siam.report.html import Section, figure_data_uri, figures, render_html, render_markdown
 from ladder_siam.report.inputs import HEADLINE, load_runs

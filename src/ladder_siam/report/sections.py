@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ladder_siam.nets.backbones import STAGES
+from ladder_siam.nets.archs import STAGES
 from ladder_siam.report import figures as report_figures
 from ladder_siam.report import paper_reference
 from ladder_siam.report.html import NOT_RUN, Block, Figure, Paragraph, Section, Table

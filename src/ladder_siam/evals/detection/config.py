@@ -13,7 +13,7 @@ from bisect import bisect_right
 from dataclasses import dataclass
 from typing import Any
 
-from ladder_siam.nets.backbones import ARCHS
+from ladder_siam.nets.archs import ARCHS
 from ladder_siam.runtime.flags import add_config_flags, explicit_flags
 
 PRECISIONS = ("fp32", "bf16")
@@ -159,7 +159,6 @@ PRESETS: dict[str, dict[str, Any]] = {
         "box_batch_per_image": 64,
         "detections_per_image": 20,
         "workers": 0,
-        "cpu_threads": 1,
         "eval_batch_size": 8,
         "buffer_size": 100,
         "log_every": 10,

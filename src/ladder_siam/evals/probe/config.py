@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from ladder_siam.nets.backbones import ARCHS, STAGES
+from ladder_siam.nets.archs import ARCHS, STAGES
 from ladder_siam.runtime.flags import add_config_flags, explicit_flags
 
 PROTOCOLS = ("fast", "standard")

@@ -21,7 +21,7 @@ from ladder_siam.data.manifest import SplitManifest
 from ladder_siam.data.photometric import IMAGENET_MEAN, IMAGENET_STD, normalize
 from ladder_siam.data.shards import DecodedSample
 from ladder_siam.data.splits import SplitReader, gather, make_eval_loader
-from ladder_siam.nets.backbones import STAGES
+from ladder_siam.nets.archs import STAGES
 from ladder_siam.runtime.progress import Progress
 
 logger = logging.getLogger(__name__)
