@@ -38,7 +38,7 @@ from ladder_siam.io import storage
 from ladder_siam.pretrain.augmentation import TwoViewPhotometric
 from ladder_siam.pretrain.config import PretrainConfig, add_arguments, config_from_args
 from ladder_siam.pretrain.model import LadderOutput, LadderSiam
-from ladder_siam.runtime import checkpoint, distributed, resume
+from ladder_siam.runtime import distributed, resume
 from ladder_siam.runtime.health import CollapseMonitor, FiniteCheck, NonFiniteLossError
 from ladder_siam.runtime.metrics import TrainingMetrics
 from ladder_siam.runtime.optim import LARS, param_groups, scaled_lr
@@ -269,16 +269,9 @@ def _report(
 
 def save_checkpoint(trainer: Trainer) -> None:
     """Rank 0 writes the run's state at the current step."""
-    if not trainer.env.is_main:
-        return
-    state = {
-        "model": trainer.model.state_dict(),
-        "optimizer": trainer.optimizer.state_dict(),
-        "rng": checkpoint.rng_state(),
-        **resume.state(trainer.config),
-    }
-    uri = checkpoint.save(trainer.config.out, trainer.step, state, trainer.config.keep_checkpoints)
-    logger.info("checkpoint %s", uri)
+    if trainer.env.is_main:
+        parts = {"model": trainer.model, "optimizer": trainer.optimizer}
+        resume.save(trainer.config, trainer.step, parts)
 
 
 def export_backbone(trainer: Trainer) -> str:
@@ -346,9 +339,7 @@ def _run(config: PretrainConfig, env: distributed.DistributedEnv) -> str:
 
     resumed = resume.resume(config.out, config, map_location=env.device)
     if resumed is not None:
-        model.load_state_dict(resumed.state["model"])
-        optimizer.load_state_dict(resumed.state["optimizer"])
-        checkpoint.set_rng_state(resumed.state["rng"])
+        resume.restore(resumed, {"model": model, "optimizer": optimizer})
     metrics = TrainingMetrics(method=config.method, arch=config.arch)
     if env.is_local_main and config.metrics_port:
         metrics.serve(config.metrics_port)

@@ -21,7 +21,7 @@ import dataclasses
 import hashlib
 import logging
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -51,6 +51,16 @@ MAY_CHANGE = frozenset(
 )  # fmt: skip
 
 
+class Stateful(Protocol):
+    """What a checkpoint saves and restores: a model, an optimizer, a set of heads."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """The part's state."""
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> Any:
+        """Restores what :meth:`state_dict` returned."""
+
+
 class ResumeError(ValueError):
     """A checkpoint exists but belongs to a different run; the message lists every difference."""
 
@@ -73,6 +83,31 @@ def state(config: Any, inputs: Mapping[str, str] | None = None) -> dict[str, Any
         inputs: Input name -> :func:`fingerprint` of the file the run trains from.
     """
     return {"config": dataclasses.asdict(config), "inputs": dict(inputs or {})}
+
+
+def save(
+    config: Any, step: int, parts: Mapping[str, Stateful], inputs: Mapping[str, str] | None = None
+) -> str:
+    """Writes the checkpoint of ``step`` under ``config.out`` and prunes the older ones.
+
+    It holds each part's ``state_dict``, torch's random state and what :func:`resume` checks a
+    rerun against (:func:`state`); ``config.keep_checkpoints`` of them are kept.
+
+    Returns:
+        The checkpoint's URI.
+    """
+    saved = {name: part.state_dict() for name, part in parts.items()}
+    saved.update(rng=checkpoint.rng_state(), **state(config, inputs))
+    uri = checkpoint.save(config.out, step, saved, config.keep_checkpoints)
+    logger.info("checkpoint %s", uri)
+    return uri
+
+
+def restore(resumed: Checkpoint, parts: Mapping[str, Stateful]) -> None:
+    """Loads each part's state and torch's random state from what :func:`save` wrote."""
+    for name, part in parts.items():
+        part.load_state_dict(resumed.state[name])
+    checkpoint.set_rng_state(resumed.state["rng"])
 
 
 def resume(

@@ -45,7 +45,7 @@ from ladder_siam.evals.detection.data import TrainTransform, collate_lists, eval
 from ladder_siam.evals.detection.model import build_mask_rcnn, convert_sync_bn, param_groups
 from ladder_siam.io import storage
 from ladder_siam.nets.backbone_file import load_backbone
-from ladder_siam.runtime import checkpoint, distributed, resume
+from ladder_siam.runtime import distributed, resume
 from ladder_siam.runtime.metrics import push_job_metrics
 from ladder_siam.runtime.progress import Progress
 from ladder_siam.runtime.run_folder import metrics_uri
@@ -169,9 +169,7 @@ def build_finetune(
     inputs = {"backbone": resume.fingerprint(config.backbone)}
     resumed = resume.resume(config.out, config, inputs, map_location=env.device)
     if resumed is not None:
-        model.load_state_dict(resumed.state["model"])
-        optimizer.load_state_dict(resumed.state["optimizer"])
-        checkpoint.set_rng_state(resumed.state["rng"])
+        resume.restore(resumed, {"model": model, "optimizer": optimizer})
     step_model: nn.Module = model
     if env.world_size > 1:
         step_model = DistributedDataParallel(
@@ -245,16 +243,9 @@ def _log(
 
 def save_checkpoint(run: Finetune) -> None:
     """Rank 0 writes the model, optimizer, random state and configuration at ``run.step``."""
-    if not run.env.is_main:
-        return
-    state = {
-        "model": run.model.state_dict(),
-        "optimizer": run.optimizer.state_dict(),
-        "rng": checkpoint.rng_state(),
-        **resume.state(run.config, run.inputs),
-    }
-    uri = checkpoint.save(run.config.out, run.step, state, run.config.keep_checkpoints)
-    logger.info("checkpoint %s", uri)
+    if run.env.is_main:
+        parts = {"model": run.model, "optimizer": run.optimizer}
+        resume.save(run.config, run.step, parts, run.inputs)
 
 
 @torch.no_grad()

@@ -28,7 +28,7 @@ from ladder_siam.evals.probe.features import (
     to_model_input,
 )
 from ladder_siam.evals.probe.heads import StageHeads, evaluate_heads, summed_loss
-from ladder_siam.runtime import checkpoint, resume
+from ladder_siam.runtime import resume
 from ladder_siam.runtime.distributed import DistributedEnv
 from ladder_siam.runtime.optim import scaled_lr
 from ladder_siam.runtime.progress import Progress
@@ -55,16 +55,9 @@ class StandardRun:
 
 def save_checkpoint(run: StandardRun) -> None:
     """Rank 0 writes the heads, optimizer, step and random state."""
-    if not run.env.is_main:
-        return
-    state = {
-        "heads": run.heads.state_dict(),
-        "optimizer": run.optimizer.state_dict(),
-        "rng": checkpoint.rng_state(),
-        **resume.state(run.config, run.inputs),
-    }
-    uri = checkpoint.save(run.config.out, run.step, state, run.config.keep_checkpoints)
-    logger.info("checkpoint %s", uri)
+    if run.env.is_main:
+        parts = {"heads": run.heads, "optimizer": run.optimizer}
+        resume.save(run.config, run.step, parts, run.inputs)
 
 
 def train_one_epoch(
@@ -134,9 +127,7 @@ def run_standard(
     )  # fmt: skip
     resumed = resume.resume(config.out, config, run.inputs, map_location=env.device)
     if resumed is not None:
-        heads.load_state_dict(resumed.state["heads"])
-        optimizer.load_state_dict(resumed.state["optimizer"])
-        checkpoint.set_rng_state(resumed.state["rng"])
+        resume.restore(resumed, {"heads": heads, "optimizer": optimizer})
         run.step = resumed.step
     if env.is_main:
         logger.info(

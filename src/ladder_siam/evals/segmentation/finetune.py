@@ -43,7 +43,7 @@ from ladder_siam.evals.segmentation.model import FCN, dilate_resnet
 from ladder_siam.evals.segmentation.scoring import evaluate
 from ladder_siam.io import storage
 from ladder_siam.nets.backbone_file import BackboneInfo, load_backbone
-from ladder_siam.runtime import checkpoint, distributed, resume
+from ladder_siam.runtime import distributed, resume
 from ladder_siam.runtime.health import FiniteCheck
 from ladder_siam.runtime.metrics import push_job_metrics
 from ladder_siam.runtime.progress import Progress
@@ -175,16 +175,9 @@ def _log(run: Finetune, loss: float, rate: float, progress: Progress) -> None:
 
 def save_checkpoint(run: Finetune) -> None:
     """Rank 0 writes the model, optimizer, random state and settings at the current step."""
-    if not run.env.is_main:
-        return
-    state = {
-        "model": run.model.state_dict(),
-        "optimizer": run.optimizer.state_dict(),
-        "rng": checkpoint.rng_state(),
-        **resume.state(run.config, run.inputs),
-    }
-    uri = checkpoint.save(run.config.out, run.step, state, run.config.keep_checkpoints)
-    logger.info("checkpoint %s", uri)
+    if run.env.is_main:
+        parts = {"model": run.model, "optimizer": run.optimizer}
+        resume.save(run.config, run.step, parts, run.inputs)
 
 
 def _load_splits(config: SegmentationConfig) -> tuple[SplitManifest, SplitManifest]:
@@ -259,9 +252,7 @@ def _run(config: SegmentationConfig, env: distributed.DistributedEnv) -> dict[st
     )  # fmt: skip
     resumed = resume.resume(config.out, config, inputs, map_location=env.device)
     if resumed is not None:
-        model.load_state_dict(resumed.state["model"])
-        optimizer.load_state_dict(resumed.state["optimizer"])
-        checkpoint.set_rng_state(resumed.state["rng"])
+        resume.restore(resumed, {"model": model, "optimizer": optimizer})
     run = Finetune(
         config=config, env=env, model=model, step_model=step_model, optimizer=optimizer,
         lr=poly_lr(config.lr, config.min_lr, config.power, config.iterations),
