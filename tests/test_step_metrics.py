@@ -13,8 +13,9 @@ from prometheus_servers import pushgateway_server, sample_value, scrape
 
 from ladder_siam.cli import main as cli
 from ladder_siam.data.manifest import load_split
-from ladder_siam.kube.steps import STATUS_NAME, record_status
+from ladder_siam.kube.steps import record_status
 from ladder_siam.prep.demo_data import make_demo_data
+from ladder_siam.runtime.run_folder import PIPELINE_STATUS
 
 COUNTS = ("shards", "shards_written", "samples", "samples_skipped")
 # What a group of the Pushgateway may be told apart by: no run id, no dataset URI.
@@ -105,9 +106,9 @@ def test_the_exit_handler_records_the_outcome_and_keeps_the_last_success(
     assert sample_value(samples, "ladder_siam_job_last_success_timestamp_seconds") == succeeded_at
     failed_at = sample_value(samples, "ladder_siam_job_last_failure_timestamp_seconds")
     assert failed_at is not None and failed_at >= succeeded_at
-    written = json.loads((tmp_path / "runs" / "weekly-run-2" / STATUS_NAME).read_text())
+    written = json.loads((tmp_path / "runs" / "weekly-run-2" / PIPELINE_STATUS).read_text())
     assert written == status and written["error"] == "Task pretrain failed."
-    assert json.loads((tmp_path / "runs" / "weekly" / STATUS_NAME).read_text())["state"] == (
+    assert json.loads((tmp_path / "runs" / "weekly" / PIPELINE_STATUS).read_text())["state"] == (
         "SUCCEEDED"
     )
 
