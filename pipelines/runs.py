@@ -93,16 +93,23 @@ def _stable_header(text: str) -> str:
     return "".join(lines)
 
 
+def _yaml(text: str, where: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ValueError(f"{where}: not valid YAML: {error}") from error
+
+
 def load_params(params_file: str | None, assignments: list[str]) -> dict[str, Any]:
     """Merges ``--params FILE`` and ``--param NAME=VALUE`` and checks every name.
 
     Raises:
-        ValueError: An assignment without ``=``, a file that is not a mapping, or a name
-            the pipeline does not have.
+        ValueError: An assignment without ``=``, text that is not YAML, a file that is not a
+            mapping, or a name the pipeline does not have.
     """
     params: dict[str, Any] = {}
     if params_file:
-        loaded = yaml.safe_load(storage.read_text(params_file)) or {}
+        loaded = _yaml(storage.read_text(params_file), f"--params {params_file}") or {}
         if not isinstance(loaded, dict):
             raise ValueError(f"--params {params_file}: not a YAML mapping of name: value")
         params.update(loaded)
@@ -110,7 +117,7 @@ def load_params(params_file: str | None, assignments: list[str]) -> dict[str, An
         name, equals, value = assignment.partition("=")
         if not equals:
             raise ValueError(f"--param {assignment!r}: expected NAME=VALUE")
-        params[name.strip()] = yaml.safe_load(value)
+        params[name.strip()] = _yaml(value, f"--param {assignment!r}")
     known = parameter_names()
     unknown = sorted(set(params) - set(known))
     if unknown:

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 from pycocotools import mask as coco_mask
 
@@ -32,7 +33,7 @@ def _samples(split_uri: str) -> dict[str, dict]:
 
 def test_coco_annotations_are_converted_and_rescaled(tmp_path: Path) -> None:
     root = tmp_path / "coco"
-    for name in ("a.jpg", "b.jpg", "c.jpg"):
+    for name in ("a.jpg", "b.jpg", "c.jpg", "d.jpg"):
         _save_jpeg(root / "images" / name, 80, 100, seed=len(name))
     square = np.zeros((80, 100), dtype=np.uint8)
     square[20:60, 10:50] = 1
@@ -43,6 +44,7 @@ def test_coco_annotations_are_converted_and_rescaled(tmp_path: Path) -> None:
             {"id": 2, "file_name": "b.jpg", "width": 100, "height": 80},
             {"id": 3, "file_name": "c.jpg", "width": 100, "height": 80},
             {"id": 4, "file_name": "missing.jpg", "width": 100, "height": 80},
+            {"id": 5, "file_name": "d.jpg", "width": 100, "height": 80},
         ],
         "categories": [{"id": 7, "name": "square"}, {"id": 3, "name": "blob"}],
         "annotations": [
@@ -52,6 +54,9 @@ def test_coco_annotations_are_converted_and_rescaled(tmp_path: Path) -> None:
              "segmentation": {"size": [80, 100], "counts": compressed["counts"].decode()},
              "iscrowd": 1},
             {"id": 12, "image_id": 3, "category_id": 3, "bbox": "not a box"},
+            # Compressed RLE whose counts do not decode to a 100x80 mask.
+            {"id": 13, "image_id": 5, "category_id": 3, "bbox": [0, 0, 4, 4],
+             "segmentation": {"size": [80, 100], "counts": "garbage"}, "iscrowd": 1},
         ],
     }  # fmt: skip
     (root / "annotations").mkdir()
@@ -59,15 +64,22 @@ def test_coco_annotations_are_converted_and_rescaled(tmp_path: Path) -> None:
     (root / "annotations/instances_val.json").write_text("{ not json")
 
     dest = str(tmp_path / "shards")
-    dataset = prepare_shards(str(root), dest, layout="coco", max_side=50)
+    # A split that keeps nothing (its annotation file is broken) is an error, not 0 samples.
+    with pytest.raises(
+        ValueError, match=r"split 'val': all 1 inputs were skipped \(bad-annotation"
+    ):
+        prepare_shards(str(root), dest, layout="coco", max_side=50)
+    assert not (tmp_path / "shards" / "manifest.json").exists(), "nothing committed"
+    (root / "annotations/instances_val.json").unlink()
+
+    prepare_shards(str(root), dest, layout="coco", max_side=50)
     train = load_split(storage.join(dest, "train"))
     assert train.classes == ["blob", "square"], "categories sorted by id"
     assert {(Path(s.source).name, s.reason) for s in train.skipped} == {
         ("missing.jpg", "missing-image"),
         ("c.jpg", "bad-annotation"),
+        ("d.jpg", "bad-annotation"),
     }
-    assert dataset.splits["val"].num_samples == 0
-    assert load_split(storage.join(dest, "val")).skipped[0].reason == "bad-annotation"
 
     records = [json.loads(s["json"]) for s in _samples(storage.join(dest, "train")).values()]
     by_name = {record["file_name"]: record for record in records}
@@ -99,8 +111,12 @@ def test_voc_masks_are_checked_and_resized_with_nearest(tmp_path: Path) -> None:
     Image.fromarray(labels).save(root / "SegmentationClass/1.png")
     Image.fromarray(np.dstack([labels] * 3)).save(root / "SegmentationClass/2.png")
     Image.fromarray(labels[:30]).save(root / "SegmentationClass/3.png")
+    unknown_class = labels.copy()
+    unknown_class[50:, :] = 200  # VOC has 21 classes; 255 alone is the ignore label
+    _save_jpeg(root / "JPEGImages/5.jpg", 60, 90, seed=5)
+    Image.fromarray(unknown_class).save(root / "SegmentationClass/5.png")
     (root / "ImageSets/Segmentation").mkdir(parents=True)
-    (root / "ImageSets/Segmentation/train.txt").write_text("0\n1\n2\n3\n4\n")
+    (root / "ImageSets/Segmentation/train.txt").write_text("0\n1\n2\n3\n4\n5\n")
 
     dest = str(tmp_path / "shards")
     prepare_shards(str(root), dest, layout="voc", max_side=45)
@@ -110,6 +126,7 @@ def test_voc_masks_are_checked_and_resized_with_nearest(tmp_path: Path) -> None:
         ("2.jpg", "bad-mask"),
         ("3.jpg", "size-mismatch"),
         ("4", "missing-image"),
+        ("5.jpg", "bad-mask"),
     ]
     samples = list(_samples(storage.join(dest, "train")).values())
     assert len(samples) == 2

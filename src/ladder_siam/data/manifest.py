@@ -20,6 +20,8 @@ from ladder_siam.io import storage
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "ladder-siam-shards/1"
+# A segmentation mask's pixels of this value (VOC's object boundaries) belong to no class.
+IGNORE_LABEL = 255
 
 
 class ManifestError(ValueError):
@@ -82,8 +84,16 @@ class SplitManifest:
             )
 
     def shard_uris(self) -> list[str]:
-        """Absolute URIs of the shards."""
-        return [storage.resolve(self.location, shard.uri) for shard in self.shards]
+        """Absolute URIs of the shards, each proven to lie inside the split's folder.
+
+        Raises:
+            ManifestError: A shard path is absolute or climbs out of the folder (``../``): a
+                manifest must not make a reader open any file it names.
+        """
+        try:
+            return [storage.join_under(self.location, shard.uri) for shard in self.shards]
+        except storage.StorageError as error:
+            raise ManifestError(f"{_manifest_uri(self.location)}: {error}") from error
 
     def to_json(self) -> str:
         """The manifest as stable, human-readable JSON (``location`` left out)."""

@@ -17,13 +17,14 @@ yields whole batches. Three properties matter for distributed training:
 
 from __future__ import annotations
 
+import hashlib
 import io
 import itertools
 import json
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -39,6 +40,7 @@ logger = logging.getLogger(__name__)
 
 # A slot that got no sample in this many shuffle rounds has a dataset of empty shards.
 MAX_EMPTY_ROUNDS = 100
+_DRAIN_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -125,10 +127,54 @@ class CenterCropResize:
         return pixels, -1 if sample.label is None else sample.label
 
 
-def read_shard(uri: str) -> Iterator[Sample]:
-    """Streams the samples of one shard."""
+class ShardIntegrityError(ValueError):
+    """A shard's bytes are not the ones its manifest recorded."""
+
+
+def read_shard(uri: str, sha256: str | None = None) -> Iterator[Sample]:
+    """Streams the samples of one shard, verifying its checksum as it goes.
+
+    Args:
+        uri: The shard.
+        sha256: The manifest's checksum of the shard; checked once the whole shard has
+            streamed through (a reader that stops early checks nothing).
+
+    Raises:
+        ValueError: The tar is corrupt or truncated (the message names the shard and byte).
+        ShardIntegrityError: The shard's sha256 is not the manifest's.
+    """
     with storage.open_read(uri) as stream:
-        yield from iter_samples(stream)
+        hashing = _HashingReader(stream)
+        try:
+            yield from iter_samples(hashing)
+        except ValueError as error:
+            raise ValueError(f"{uri}: {error}") from error
+        if sha256 is None:
+            return
+        while hashing.read(_DRAIN_CHUNK):  # the padding after the end-of-archive blocks
+            pass
+        actual = hashing.digest.hexdigest()
+        if actual != sha256:
+            raise ShardIntegrityError(
+                f"{uri}: sha256 {actual} but the manifest recorded {sha256}: the shard was "
+                "altered or damaged; prepare the dataset again"
+            )
+
+
+class _HashingReader(io.RawIOBase):
+    """A read-only stream that hashes every byte read through it."""
+
+    def __init__(self, stream: BinaryIO) -> None:
+        self._stream = stream
+        self.digest = hashlib.sha256()
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
+        count = self._stream.readinto(buffer)  # type: ignore[attr-defined]
+        self.digest.update(memoryview(buffer)[:count])
+        return count
 
 
 def shuffle_buffer(
@@ -199,6 +245,7 @@ class ShardDataset(IterableDataset):
             )
         self.manifest = manifest
         self.shard_uris = manifest.shard_uris()
+        self.shard_sha256: list[str | None] = [shard.sha256 for shard in manifest.shards]
         self.batch_size = batch_size
         self.transform = transform
         self.seed = seed
@@ -272,11 +319,11 @@ class ShardDataset(IterableDataset):
             order = np.random.default_rng([self.seed, self.epoch, round_index]).permutation(count)
         if count >= slots:
             for index in order[slot::slots]:
-                yield from read_shard(self.shard_uris[index])
+                yield from read_shard(self.shard_uris[index], self.shard_sha256[index])
             return
         position = 0
         for index in order:
-            for sample in read_shard(self.shard_uris[index]):
+            for sample in read_shard(self.shard_uris[index], self.shard_sha256[index]):
                 if position % slots == slot:
                     yield sample
                 position += 1

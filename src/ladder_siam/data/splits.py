@@ -51,7 +51,9 @@ class SplitReader(IterableDataset):
         self.rank = rank if rank is not None else (dist.get_rank() if distributed else 0)
         self.world_size = world_size or (dist.get_world_size() if distributed else 1)
         self.manifest = manifest
-        self.shard_uris = manifest.shard_uris()
+        self.shards = list(
+            zip(manifest.shard_uris(), (s.sha256 for s in manifest.shards), strict=True)
+        )
         self.batch_size = batch_size
         self.transform = transform
         self.collate = collate
@@ -70,13 +72,13 @@ class SplitReader(IterableDataset):
             yield self.collate(batch)
 
     def _samples(self, slot: int, slots: int) -> Iterator[Sample]:
-        if len(self.shard_uris) >= slots:
-            for uri in self.shard_uris[slot::slots]:
-                yield from read_shard(uri)
+        if len(self.shards) >= slots:
+            for uri, sha256 in self.shards[slot::slots]:
+                yield from read_shard(uri, sha256)
             return
         position = 0
-        for uri in self.shard_uris:
-            for sample in read_shard(uri):
+        for uri, sha256 in self.shards:
+            for sample in read_shard(uri, sha256):
                 if position % slots == slot:
                     yield sample
                 position += 1

@@ -100,7 +100,7 @@ def list_objects(prefix: str) -> Iterator[FileInfo]:
 
 def head(uri: str) -> int | None:
     """The size of the object at ``uri``, or None when it does not exist."""
-    from botocore.exceptions import ClientError
+    from botocore.exceptions import BotoCoreError, ClientError
 
     bucket, key = split_s3(uri)
     try:
@@ -108,6 +108,8 @@ def head(uri: str) -> int | None:
     except ClientError as error:
         if not_found(error):
             return None
+        raise StorageError(f"{uri}: {error}") from error
+    except BotoCoreError as error:  # unreachable endpoint, after the retries
         raise StorageError(f"{uri}: {error}") from error
 
 
@@ -145,7 +147,7 @@ class S3RangeReader(io.RawIOBase):
     """A raw stream over one S3 object that re-opens broken connections at its offset."""
 
     def __init__(self, uri: str) -> None:
-        from botocore.exceptions import ClientError
+        from botocore.exceptions import BotoCoreError, ClientError
 
         self.uri = uri
         self.bucket, self.key = split_s3(uri)
@@ -155,6 +157,8 @@ class S3RangeReader(io.RawIOBase):
         except ClientError as error:
             if not_found(error):
                 raise FileNotFoundError(f"{uri}: no such object") from error
+            raise StorageError(f"{uri}: {error}") from error
+        except BotoCoreError as error:  # unreachable endpoint, after the retries
             raise StorageError(f"{uri}: {error}") from error
         self.length = int(response["ContentLength"])
         self.etag = response.get("ETag")
@@ -188,8 +192,10 @@ class S3RangeReader(io.RawIOBase):
                         Range=f"bytes={self.offset}-",
                         IfMatch=self.etag,
                     )["Body"]
-                except ClientError as reopen_error:
-                    raise StorageError(f"{self.uri}: cannot resume read") from reopen_error
+                except (ClientError, BotoCoreError) as reopen_error:
+                    raise StorageError(
+                        f"{self.uri}: cannot resume the read at byte {self.offset}: {reopen_error}"
+                    ) from reopen_error
         buffer[: len(data)] = data
         self.offset += len(data)
         return len(data)

@@ -11,6 +11,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 S3_SCHEME = "s3"
+SUPPORTED = "s3://bucket/prefix, file:///abs/path or a plain path"
 
 
 class StorageError(OSError):
@@ -31,8 +32,26 @@ def is_s3(uri: str) -> bool:
     return uri.startswith(f"{S3_SCHEME}://")
 
 
+def scheme_problem(uri: str) -> str | None:
+    """What is wrong with ``uri``'s scheme, or None for ``s3://``, ``file://`` and plain paths."""
+    scheme, separator, _ = uri.partition("://")
+    if separator and scheme not in (S3_SCHEME, "file"):
+        return f"unsupported scheme {scheme}://; use {SUPPORTED}"
+    if scheme == S3_SCHEME and not urlparse(uri).netloc:
+        return "no bucket; an S3 URI reads s3://bucket/key"
+    return None
+
+
 def local_path(uri: str) -> Path:
-    """The filesystem path of a plain path or ``file://`` URI."""
+    """The filesystem path of a plain path or ``file://`` URI.
+
+    Raises:
+        StorageError: ``uri`` has a scheme this project cannot read (``gs://``...): without
+            this check it would be taken for a relative folder named ``gs:``.
+    """
+    problem = scheme_problem(uri)
+    if problem is not None:
+        raise StorageError(f"{uri}: {problem}")
     if uri.startswith("file://"):
         return Path(urlparse(uri).path)
     return Path(uri)
@@ -52,6 +71,20 @@ def join(uri: str, *parts: str) -> str:
     for part in parts:
         out = f"{out}/{part.strip('/')}"
     return out
+
+
+def join_under(base: str, *parts: str) -> str:
+    """Joins ``parts`` onto the folder ``base``, proving that the result stays inside it.
+
+    Raises:
+        StorageError: A part is empty, absolute, or has a ``.`` or ``..`` segment: written
+            to, it would land outside ``base`` (or on a name a reader would not find).
+    """
+    for part in parts:
+        segments = part.split("/")
+        if part.startswith("/") or any(s in ("", ".", "..") for s in segments):
+            raise StorageError(f"{base}: {part!r} would leave the folder; refusing to write it")
+    return join(base, *parts)
 
 
 def parent(uri: str) -> str:

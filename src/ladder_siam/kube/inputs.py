@@ -21,6 +21,7 @@ from typing import Any
 
 from ladder_siam import IMAGE
 from ladder_siam.io import storage
+from ladder_siam.io.uri import SUPPORTED, scheme_problem
 from ladder_siam.kube.pytorchjob import LaunchConfig
 from ladder_siam.prep.sources import LAYOUTS
 from ladder_siam.pretrain.config import PretrainConfig, make_config
@@ -244,12 +245,8 @@ def _uris(inputs: PipelineInputs) -> list[tuple[str, str]]:
 
 def _uri_problem(uri: str) -> str | None:
     if not uri:
-        return "empty; give s3://bucket/prefix, file:///abs/path or a path"
-    if "://" in uri and not uri.startswith(("s3://", "file:///")):
-        return "unsupported scheme; use s3://bucket/prefix, file:///abs/path or a path"
-    if storage.is_s3(uri) and not storage.split_s3(uri)[0]:
-        return "no bucket"
-    return None
+        return f"empty; give {SUPPORTED}"
+    return scheme_problem(uri)
 
 
 def _preset_problems(inputs: PipelineInputs) -> list[str]:

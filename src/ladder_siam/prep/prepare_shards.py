@@ -8,6 +8,9 @@ last and are the commit point. A rerun (after a crash, or on unchanged data) reu
 shard whose receipt matches and only writes what is missing.
 
 Invalid inputs never stop the job: they are left out and listed in the manifest with a reason.
+An input that cannot be *read* (denied, or still failing after the retries) is not invalid: its
+shard is not written and the step fails naming it, so that a rerun completes the dataset. A
+split whose every input was skipped is an error too.
 """
 
 from __future__ import annotations
@@ -47,8 +50,9 @@ logger = logging.getLogger(__name__)
 RECEIPTS = "_receipts"
 # Reading ahead hides object-storage latency (tens of ms per GET) behind decoding.
 READ_AHEAD = 16
-# Bumped whenever the sample format changes, so old receipts are not reused.
-SAMPLE_FORMAT_VERSION = 1
+# Bumped whenever the sample format or the rules for skipping change, so old receipts are not
+# reused (2: labels are checked: mask values against the classes, RLEs by decoding them).
+SAMPLE_FORMAT_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -63,6 +67,7 @@ class ShardTask:
     layout: str
     max_side: int | None
     category_index: dict[int, int]
+    num_classes: int
 
     @property
     def name(self) -> str:
@@ -78,6 +83,7 @@ class ShardTask:
             "layout": self.layout,
             "max_side": self.max_side,
             "category_index": sorted(self.category_index.items()),
+            "num_classes": self.num_classes,
         }
         return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
@@ -125,6 +131,9 @@ def prepare_shards(
         raise ValueError(f"--max-side {max_side}: must be at least 16 pixels")
     if workers < 1:
         raise ValueError(f"--workers {workers}: must be at least 1")
+    for flag, uri in (("--source", source), ("--dest", dest)):
+        if (problem := storage.scheme_problem(uri)) is not None:
+            raise ValueError(f"{flag} {uri}: {problem}")
     listing = list_source(source, layout)
     category_index = {cat: i for i, cat in enumerate(listing.category_ids or [])}
     tasks: list[ShardTask] = []
@@ -134,10 +143,12 @@ def prepare_shards(
         shuffled = [items[i] for i in order]
         for index, start in enumerate(range(0, len(shuffled), shard_size)):
             chunk = tuple(shuffled[start : start + shard_size])
-            split_dest = storage.join(dest, split)
-            tasks.append(
-                ShardTask(split, index, start, chunk, split_dest, layout, max_side, category_index)
-            )
+            split_dest = storage.join_under(dest, split)
+            task = ShardTask(
+                split, index, start, chunk, split_dest, layout, max_side, category_index,
+                len(listing.classes),
+            )  # fmt: skip
+            tasks.append(task)
     total_inputs = sum(len(task.items) for task in tasks)
     logger.info(
         "%s: %d inputs in %d splits -> %d shards with %d workers",
@@ -158,9 +169,19 @@ def prepare_shards(
     start = time.monotonic()
     with Progress(total_inputs, "prepare-shards", unit="img", logger=logger) as progress:
         progress.update(sum(receipt.inputs for receipt in receipts.values()))
-        for task, receipt in _run(pending, workers):
-            receipts[(task.split, task.index)] = receipt
-            progress.update(receipt.inputs, shards=len(receipts))
+        try:
+            for task, receipt in _run(pending, workers):
+                receipts[(task.split, task.index)] = receipt
+                progress.update(receipt.inputs, shards=len(receipts))
+        except OSError as error:
+            # A read that failed is not a bad image: the shard is not written, and a rerun
+            # (reusing every finished shard) completes the dataset once storage answers.
+            logger.error(
+                "failed: %s; %d of %d shards are complete and kept; rerun to write the rest",
+                error, len(receipts), len(tasks),
+            )  # fmt: skip
+            raise
+    _check_every_split_kept_something(source, listing, tasks, receipts)
     processed = sum(len(task.items) for task in pending)
     written_rate = processed / max(time.monotonic() - start, 1e-9)
 
@@ -194,7 +215,7 @@ def write_shard(task: ShardTask) -> ShardReceipt:
     so a receipt always describes a complete shard.
     """
     skipped: list[SkippedInput] = []
-    shard_uri = storage.join(task.dest, task.name)
+    shard_uri = storage.join_under(task.dest, task.name)
     with storage.atomic_write(shard_uri) as stream:
         writer = ShardWriter(stream)
         for item, result in _read_ahead(task, _build):
@@ -212,7 +233,9 @@ def write_shard(task: ShardTask) -> ShardReceipt:
 def _build(task: ShardTask, offset: int, item: SourceItem) -> Sample | InvalidImageError:
     key = f"{task.first_key + offset:08d}"
     try:
-        return build_sample(item, key, task.layout, task.max_side, task.category_index)
+        return build_sample(
+            item, key, task.layout, task.max_side, task.category_index, task.num_classes
+        )
     except InvalidImageError as error:
         return error
 
@@ -237,7 +260,7 @@ def _read_ahead(
 
 
 def _receipt_uri(task: ShardTask) -> str:
-    return storage.join(task.dest, RECEIPTS, f"{task.name}.json")
+    return storage.join_under(task.dest, RECEIPTS, f"{task.name}.json")
 
 
 def _reusable_receipt(task: ShardTask) -> ShardReceipt | None:
@@ -254,7 +277,7 @@ def _reusable_receipt(task: ShardTask) -> ShardReceipt | None:
         return None
     if receipt.fingerprint != task.fingerprint():
         return None
-    shard_uri = storage.join(task.dest, task.name)
+    shard_uri = storage.join_under(task.dest, task.name)
     if not storage.exists(shard_uri) or storage.size(shard_uri) != receipt.shard.bytes:
         return None
     return receipt
@@ -287,7 +310,7 @@ def _commit(
             seed=seed,
             max_side=max_side,
         )
-        split_dest = storage.join(dest, split)
+        split_dest = storage.join_under(dest, split)
         storage.write_text(storage.join(split_dest, MANIFEST_NAME), manifest.to_json())
         splits[split] = SplitSummary(
             f"{split}/{MANIFEST_NAME}", manifest.num_samples, len(shards), len(skipped)
@@ -301,6 +324,31 @@ def _commit(
     )
     storage.write_text(storage.join(dest, MANIFEST_NAME), dataset.to_json())
     return dataset
+
+
+def _check_every_split_kept_something(
+    source: str,
+    listing: SourceListing,
+    tasks: list[ShardTask],
+    receipts: dict[tuple[str, int], ShardReceipt],
+) -> None:
+    """Refuses to commit a split whose every input was skipped: that is a broken source.
+
+    Raises:
+        ValueError: Naming the split and its skip reasons.
+    """
+    for split in sorted({task.split for task in tasks} | set(listing.skipped)):
+        split_receipts = [receipts[(t.split, t.index)] for t in tasks if t.split == split]
+        if any(r.shard.num_samples for r in split_receipts):
+            continue
+        skipped = list(listing.skipped.get(split, []))
+        skipped += [s for r in split_receipts for s in r.skipped]
+        reasons = Counter(s.reason for s in skipped)
+        by_reason = ", ".join(f"{reason} {count}" for reason, count in sorted(reasons.items()))
+        raise ValueError(
+            f"{source}: split {split!r}: all {len(skipped)} inputs were skipped ({by_reason}); "
+            f"first: {skipped[0].source}: {skipped[0].detail}"
+        )
 
 
 def _log_summary(

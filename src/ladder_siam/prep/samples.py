@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as coco_mask
 
+from ladder_siam.data.manifest import IGNORE_LABEL
 from ladder_siam.data.tar_shards import Sample
 from ladder_siam.io import storage
 from ladder_siam.prep import images
@@ -31,7 +32,12 @@ FIELDS = {
 
 
 def build_sample(
-    item: SourceItem, key: str, layout: str, max_side: int | None, category_index: dict[int, int]
+    item: SourceItem,
+    key: str,
+    layout: str,
+    max_side: int | None,
+    category_index: dict[int, int],
+    num_classes: int,
 ) -> Sample:
     """Reads, validates and converts one input.
 
@@ -41,11 +47,15 @@ def build_sample(
         layout: The source layout (decides the sample's fields).
         max_side: Down-scale limit for the longer image side.
         category_index: COCO category id -> contiguous class index.
+        num_classes: Classes of the dataset; a VOC mask value must be one of them or the
+            ignore label.
 
     Raises:
-        InvalidImageError: The input cannot be used; the reason says why.
+        InvalidImageError: The input's content cannot be used; the reason says why.
+        OSError: The input could not be read. Not a skip: the shard and the step fail, so
+            that a rerun, once storage answers again, includes the input.
     """
-    data = _read(item.image)
+    data = storage.read_bytes(item.image)
     if layout == "coco":
         assert item.annotation is not None
         record = item.annotation
@@ -55,10 +65,18 @@ def build_sample(
         return {"__key__": key, "jpg": image.jpeg, "json": json.dumps(instances)}
     if layout == "voc":
         assert item.mask is not None
-        mask = images.decode(_read(item.mask))
+        mask = images.decode(storage.read_bytes(item.mask))
         if mask.mode not in ("P", "L"):
             raise InvalidImageError(
                 "bad-mask", f"{item.mask}: mode {mask.mode}, expected class indices"
+            )
+        values = np.unique(np.asarray(mask))
+        unknown = values[(values >= num_classes) & (values != IGNORE_LABEL)]
+        if unknown.size:
+            raise InvalidImageError(
+                "bad-mask",
+                f"{item.mask}: values {unknown[:5].tolist()} are not among the {num_classes} "
+                f"classes (nor the ignore label {IGNORE_LABEL})",
             )
         image = _normalize_to_size(data, max_side, mask.size, "mask")
         return {"__key__": key, "jpg": image.jpeg, "png": _encode_mask(mask, image)}
@@ -67,13 +85,6 @@ def build_sample(
     if layout == "imagefolder":
         sample["cls"] = str(item.label)
     return sample
-
-
-def _read(uri: str) -> bytes:
-    try:
-        return storage.read_bytes(uri)
-    except OSError as error:
-        raise InvalidImageError("read-error", str(error)) from error
 
 
 def _normalize_to_size(
@@ -152,10 +163,17 @@ def _to_rle(segmentation: Any, height: int, width: int) -> dict[str, Any] | None
     if isinstance(segmentation["counts"], list):
         return coco_mask.frPyObjects(segmentation, height, width)
     counts = segmentation["counts"]
-    return {
-        "size": segmentation["size"],
+    rle = {
+        "size": [int(v) for v in segmentation["size"]],
         "counts": counts.encode() if isinstance(counts, str) else counts,
     }
+    if rle["size"] != [height, width]:
+        raise ValueError(f"RLE of size {rle['size']} on a {height}x{width} image")
+    # Decoding raises on counts that overrun the image; counts that fall short decode into
+    # whatever memory held, so the decoded area must also match the counts' own.
+    if int(coco_mask.decode(rle).sum()) != int(coco_mask.area(rle)):
+        raise ValueError("RLE counts do not cover the image")
+    return rle
 
 
 def _resize_rle(rle: dict[str, Any], width: int, height: int) -> dict[str, Any]:

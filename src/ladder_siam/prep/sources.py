@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import posixpath
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,6 +68,11 @@ class SourceListing:
     category_ids: list[int] | None = None
 
 
+# A split becomes a folder of the output, a class name a string in its manifests.
+SAFE_SPLIT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+SAFE_CLASS = re.compile(r"[^\x00-\x1f\x7f/\\]{1,200}")
+
+
 def is_image_name(name: str) -> bool:
     """Whether a file name has an image extension (case-insensitive)."""
     return posixpath.splitext(name)[1].lower() in IMAGE_EXTENSIONS
@@ -87,9 +93,30 @@ def list_source(source: str, layout: str) -> SourceListing:
         raise ValueError(f"{source}: no files found")
     reader = {"imagefolder": _imagefolder, "flat": _flat, "coco": _coco, "voc": _voc}[layout]
     listing = reader(source, files)
+    _check_names(source, listing)
     if not any(listing.items.values()) and not any(listing.skipped.values()):
         raise ValueError(f"{source}: nothing in the {layout} layout found (see --layout)")
     return listing
+
+
+def _check_names(source: str, listing: SourceListing) -> None:
+    """Refuses split and class names that could not be written safely.
+
+    A split names a folder of the output (from a COCO annotation file's or a VOC list's name,
+    so ``instances_...json`` would make it ``..``); a class name is stored in manifests.
+    """
+    for split in sorted(set(listing.items) | set(listing.skipped)):
+        if not SAFE_SPLIT.fullmatch(split):
+            raise ValueError(
+                f"{source}: split {split!r} (from a file name) is not a safe folder name: "
+                "use letters, digits, '.', '_' and '-', starting with a letter or digit"
+            )
+    for name in listing.classes:
+        if not SAFE_CLASS.fullmatch(name):
+            raise ValueError(
+                f"{source}: class {name!r}: a class name has 1-200 characters and no '/', "
+                "'\\' or control characters"
+            )
 
 
 def _split_of(relative: str) -> tuple[str | None, str]:

@@ -109,6 +109,10 @@ class PretrainConfig:
             (self.keep_checkpoints >= 1, f"--keep-checkpoints {self.keep_checkpoints}: at least 1"),
             (self.max_steps is None or self.max_steps >= 1, "--max-steps: at least 1"),
             (
+                self.metrics_port is None or 1 <= self.metrics_port <= 65535,
+                f"--metrics-port {self.metrics_port}: a port in 1..65535, or 0 for off",
+            ),
+            (
                 self.sync_bn_scope in SYNC_BN_SCOPES,
                 f"--sync-bn-scope {self.sync_bn_scope!r}: expected all or node",
             ),

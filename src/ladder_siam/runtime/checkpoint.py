@@ -68,6 +68,9 @@ def load_latest(out: str, map_location: str | torch.device = "cpu") -> Checkpoin
     A checkpoint that does not load is passed over with a warning naming it; an error reading
     it (a denied or failed read) is raised, so that a rerun can still resume from it.
     """
+    leftovers = storage.remove_leftover_temporaries(storage.join(out, CHECKPOINTS))
+    if leftovers:
+        logger.warning("removed the unfinished checkpoint writes %s", ", ".join(leftovers))
     for step, uri in reversed(list_checkpoints(out)):
         data = storage.read_bytes(uri)
         try:

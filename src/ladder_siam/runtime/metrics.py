@@ -10,6 +10,7 @@ several instances (tests, a trainer and an evaluation in one process) never coll
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Iterable, Mapping
@@ -27,6 +28,8 @@ from prometheus_client import (
 )
 
 from ladder_siam import __version__
+
+logger = logging.getLogger(__name__)
 
 PREFIX = "ladder_siam_"
 LEVELS = ("res2", "res3", "res4", "res5")
@@ -163,8 +166,17 @@ class TrainingMetrics:
         Args:
             port: TCP port (the pod's container port named ``metrics``).
             addr: Address to bind.
+
+        Raises:
+            ValueError: The port cannot be bound (in use, or not a port).
         """
-        self._server, _ = start_http_server(port, addr, registry=self.registry)
+        try:
+            self._server, _ = start_http_server(port, addr, registry=self.registry)
+        except (OSError, OverflowError) as error:
+            raise ValueError(
+                f"--metrics-port {port}: cannot serve metrics there ({error}); choose another "
+                "port, or 0 to turn metrics off"
+            ) from error
 
     def close(self) -> None:
         """Stops serving ``/metrics``, if it was served."""
@@ -185,7 +197,7 @@ class TrainingMetrics:
         success: Whether the step succeeded.
 
         Returns:
-            True when pushed, False when no gateway is configured.
+            True when pushed; False when no gateway is configured or reachable.
         """
         return _push(self.registry, job, gateway, grouping)
 
@@ -224,7 +236,8 @@ def push_job_metrics(
         success: Whether the step succeeded.
 
     Returns:
-        True when pushed, False when no gateway is configured.
+        True when pushed; False when no gateway is configured or it cannot be reached (a
+        warning says so: metrics never fail a step whose work is done).
     """
     registry = CollectorRegistry()
     for name, value in values.items():
@@ -255,5 +268,9 @@ def _push(
     # A success replaces the group's series; a failure only adds its own, so the last
     # success's timestamp survives for "has not succeeded in N days" alerts.
     push = push_to_gateway if replace else pushadd_to_gateway
-    push(address, job, registry, grouping_key=dict(grouping or {}))
+    try:
+        push(address, job, registry, grouping_key=dict(grouping or {}))
+    except OSError as error:  # refused, timed out, or an HTTP error status
+        logger.warning("metrics of %s not pushed to %s: %s", job, address, error)
+        return False
     return True

@@ -21,9 +21,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ladder_siam.data.manifest import IGNORE_LABEL
 from ladder_siam.data.photometric import IMAGENET_MEAN, IMAGENET_STD, normalize
 from ladder_siam.data.shards import DecodedSample
-from ladder_siam.evals.segmentation.miou import IGNORE_INDEX
 
 # Pixels padded into a crop take the mean colour, which normalisation maps to 0: what mmseg's
 # padding after normalisation produces.
@@ -109,7 +109,7 @@ class SegmentationTrainTransform:
                 break
             top, left = origin
             crop = mask[top : top + self.crop_size, left : left + self.crop_size]
-            counts = np.bincount(crop.ravel(), minlength=IGNORE_INDEX + 1)[:IGNORE_INDEX]
+            counts = np.bincount(crop.ravel(), minlength=IGNORE_LABEL + 1)[:IGNORE_LABEL]
             counts = counts[counts > 0]
             if len(counts) > 1 and counts.max() / counts.sum() < self.cat_max_ratio:
                 break
@@ -121,7 +121,7 @@ class SegmentationTrainTransform:
             return image, mask
         padded_image = np.empty((self.crop_size, self.crop_size, 3), dtype=np.uint8)
         padded_image[...] = PAD_COLOR
-        padded_mask = np.full((self.crop_size, self.crop_size), IGNORE_INDEX, dtype=np.uint8)
+        padded_mask = np.full((self.crop_size, self.crop_size), IGNORE_LABEL, dtype=np.uint8)
         padded_image[:height, :width] = image
         padded_mask[:height, :width] = mask
         return padded_image, padded_mask

@@ -30,7 +30,12 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torchvision.models import ResNet
 
-from ladder_siam.data.manifest import ManifestError, SplitManifest, load_split
+from ladder_siam.data.manifest import (
+    IGNORE_LABEL,
+    ManifestError,
+    SplitManifest,
+    load_split,
+)
 from ladder_siam.data.shards import ShardDataset, make_loader
 from ladder_siam.evals.segmentation.config import (
     SegmentationConfig,
@@ -38,7 +43,7 @@ from ladder_siam.evals.segmentation.config import (
     config_from_args,
 )
 from ladder_siam.evals.segmentation.data import SegmentationTrainTransform, normalize_images
-from ladder_siam.evals.segmentation.miou import IGNORE_INDEX, SegmentationScores
+from ladder_siam.evals.segmentation.miou import SegmentationScores
 from ladder_siam.evals.segmentation.model import FCN, dilate_resnet
 from ladder_siam.evals.segmentation.scoring import evaluate
 from ladder_siam.io import storage
@@ -83,7 +88,7 @@ def segmentation_loss(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor
     mmseg's default (``avg_non_ignore=False``) divides by every pixel, ignored ones counting
     zero, rather than by the labelled ones; it also keeps a crop that is all padding finite.
     """
-    losses = F.cross_entropy(logits.float(), masks, ignore_index=IGNORE_INDEX, reduction="none")
+    losses = F.cross_entropy(logits.float(), masks, ignore_index=IGNORE_LABEL, reduction="none")
     return losses.mean()
 
 
@@ -190,10 +195,10 @@ def _load_splits(config: SegmentationConfig) -> tuple[SplitManifest, SplitManife
             f"{config.val}: classes {val_split.classes} differ from the training shards' "
             f"{train_split.classes} ({config.train})"
         )
-    if not 2 <= len(train_split.classes) <= IGNORE_INDEX:
+    if not 2 <= len(train_split.classes) <= IGNORE_LABEL:
         raise ManifestError(
             f"{config.train}: {len(train_split.classes)} classes; segmentation needs 2 to "
-            f"{IGNORE_INDEX} (index {IGNORE_INDEX} marks ignored pixels)"
+            f"{IGNORE_LABEL} (index {IGNORE_LABEL} marks ignored pixels)"
         )
     return train_split, val_split
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-IGNORE_INDEX = 255
+from ladder_siam.data.manifest import IGNORE_LABEL
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,7 @@ class ConfusionMatrix:
     def __init__(
         self,
         num_classes: int,
-        ignore_index: int = IGNORE_INDEX,
+        ignore_index: int = IGNORE_LABEL,
         device: torch.device | str = "cpu",
     ) -> None:
         if num_classes < 1:
