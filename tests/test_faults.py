@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from ladder_siam.prep.demo_data import make_demo_data
 from ladder_siam.prep.prepare_shards import prepare_shards
 from ladder_siam.pretrain.config import PretrainConfig
 from ladder_siam.runtime import resume
-from ladder_siam.runtime.metrics import push_job_metrics
+from ladder_siam.runtime.metrics import TrainingMetrics, push_job_metrics
 
 
 @pytest.fixture
@@ -227,3 +228,12 @@ def test_a_killed_checkpoint_write_is_cleaned_up_and_local_writes_are_durable(
     monkeypatch.setattr(os, "fsync", lambda fd: synced.append(fd) or real_fsync(fd))
     storage.write_text(str(tmp_path / "a" / "file.txt"), "durable")
     assert len(synced) == 2, "the file before the rename, its folder after"
+
+
+def test_a_metrics_port_in_use_is_named() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(ValueError, match=rf"--metrics-port {port}: cannot serve metrics"):
+            TrainingMetrics(method="GGGG", arch="resnet18").serve(port, addr="127.0.0.1")

@@ -166,9 +166,16 @@ def pull(
                 future.result()
                 fetched.append(futures[future].path)
                 progress.update()
+    except OSError as error:
+        logger.error(
+            "failed: %s; %d of %d files fetched and kept; rerun to fetch the rest",
+            error, len(fetched), len(todo),
+        )  # fmt: skip
+        raise
     finally:
         # On a failure, queued downloads are dropped; the ones running finish their file.
         pool.shutdown(cancel_futures=True)
+    logger.info("done: %d fetched, %d already there", len(fetched), len(selected) - len(todo))
     return sorted(fetched)
 
 

@@ -3,5 +3,6 @@
 :mod:`.sources` lists an imagefolder, COCO, VOC or flat source; :mod:`.images` validates and
 normalises each image; :mod:`.samples` encodes samples with their labels;
 :mod:`.prepare_shards` is the ``prepare-shards`` step (deterministic, resumable, every skip
-listed). :mod:`.demo_data`, :mod:`.scenes` and :mod:`.fashion_mnist` make the built-in data.
+listed, a failed read failing the step) and :mod:`.accounting` what it reports.
+:mod:`.demo_data`, :mod:`.scenes` and :mod:`.fashion_mnist` make the built-in data.
 """

@@ -23,7 +23,7 @@ import multiprocessing
 import time
 import zlib
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 
@@ -39,10 +39,11 @@ from ladder_siam.data.manifest import (
 )
 from ladder_siam.data.tar_shards import Sample, ShardWriter
 from ladder_siam.io import storage
+from ladder_siam.prep import accounting
+from ladder_siam.prep.accounting import SplitOutcome
 from ladder_siam.prep.images import InvalidImageError
 from ladder_siam.prep.samples import FIELDS, build_sample
 from ladder_siam.prep.sources import LAYOUTS, SourceItem, SourceListing, list_source
-from ladder_siam.runtime.metrics import push_job_metrics
 from ladder_siam.runtime.progress import Progress
 
 logger = logging.getLogger(__name__)
@@ -176,18 +177,17 @@ def prepare_shards(
         except OSError as error:
             # A read that failed is not a bad image: the shard is not written, and a rerun
             # (reusing every finished shard) completes the dataset once storage answers.
-            logger.error(
-                "failed: %s; %d of %d shards are complete and kept; rerun to write the rest",
-                error, len(receipts), len(tasks),
-            )  # fmt: skip
+            accounting.log_failure(error, len(receipts), len(tasks))
             raise
-    _check_every_split_kept_something(source, listing, tasks, receipts)
+    outcomes = _outcomes(listing, tasks, receipts)
+    accounting.require_samples(source, outcomes)
     processed = sum(len(task.items) for task in pending)
     written_rate = processed / max(time.monotonic() - start, 1e-9)
 
-    manifest = _commit(dest, source, listing, tasks, receipts, seed, max_side)
-    _log_summary(manifest, listing.skipped, receipts.values(), total_inputs, written_rate)
-    _push_metrics(manifest, pending, time.monotonic() - started)
+    manifest = _commit(dest, source, listing, outcomes, seed, max_side)
+    accounting.log_summary(outcomes, written_rate)
+    written = Counter(task.split for task in pending)
+    accounting.push_metrics(layout, outcomes, written, time.monotonic() - started)
     return manifest
 
 
@@ -218,12 +218,16 @@ def write_shard(task: ShardTask) -> ShardReceipt:
     shard_uri = storage.join_under(task.dest, task.name)
     with storage.atomic_write(shard_uri) as stream:
         writer = ShardWriter(stream)
-        for item, result in _read_ahead(task, _build):
-            if isinstance(result, InvalidImageError):
-                skipped.append(SkippedInput(item.image, result.reason, result.detail))
-            else:
-                writer.write(result)
-        writer.close()
+        try:
+            for item, result in _read_ahead(task, _build):
+                if isinstance(result, InvalidImageError):
+                    skipped.append(SkippedInput(item.image, result.reason, result.detail))
+                else:
+                    writer.write(result)
+        finally:
+            # Also when a read failed: the tar flushes into the temporary file, which
+            # atomic_write then discards, instead of into a closed stream later.
+            writer.close()
     entry = ShardEntry(task.name, writer.num_samples, writer.bytes, writer.sha256)
     receipt = ShardReceipt(task.fingerprint(), entry, tuple(skipped), len(task.items))
     storage.write_text(_receipt_uri(task), json.dumps(asdict(receipt), indent=1))
@@ -283,29 +287,37 @@ def _reusable_receipt(task: ShardTask) -> ShardReceipt | None:
     return receipt
 
 
+def _outcomes(
+    listing: SourceListing, tasks: list[ShardTask], receipts: dict[tuple[str, int], ShardReceipt]
+) -> dict[str, SplitOutcome]:
+    """Each split's shards and skipped inputs, from the listing and the shards' receipts."""
+    outcomes = {}
+    for split in sorted({task.split for task in tasks} | set(listing.skipped)):
+        split_receipts = [receipts[(t.split, t.index)] for t in tasks if t.split == split]
+        skipped = list(listing.skipped.get(split, []))
+        skipped += [s for r in split_receipts for s in r.skipped]
+        outcomes[split] = SplitOutcome([r.shard for r in split_receipts], skipped)
+    return outcomes
+
+
 def _commit(
     dest: str,
     source: str,
     listing: SourceListing,
-    tasks: list[ShardTask],
-    receipts: dict[tuple[str, int], ShardReceipt],
+    outcomes: dict[str, SplitOutcome],
     seed: int,
     max_side: int | None,
 ) -> DatasetManifest:
     """Writes the split manifests, then the dataset manifest (the commit point)."""
     splits: dict[str, SplitSummary] = {}
-    for split in sorted({task.split for task in tasks} | set(listing.skipped)):
-        split_receipts = [receipts[(t.split, t.index)] for t in tasks if t.split == split]
-        shards = [r.shard for r in split_receipts]
-        skipped = list(listing.skipped.get(split, []))
-        skipped += [s for r in split_receipts for s in r.skipped]
+    for split, outcome in outcomes.items():
         manifest = SplitManifest(
             split=split,
             layout=listing.layout,
             classes=listing.classes,
-            num_samples=sum(shard.num_samples for shard in shards),
-            shards=shards,
-            skipped=skipped,
+            num_samples=outcome.num_samples,
+            shards=outcome.shards,
+            skipped=outcome.skipped,
             fields=FIELDS[listing.layout],
             seed=seed,
             max_side=max_side,
@@ -313,8 +325,9 @@ def _commit(
         split_dest = storage.join_under(dest, split)
         storage.write_text(storage.join(split_dest, MANIFEST_NAME), manifest.to_json())
         splits[split] = SplitSummary(
-            f"{split}/{MANIFEST_NAME}", manifest.num_samples, len(shards), len(skipped)
-        )
+            f"{split}/{MANIFEST_NAME}", outcome.num_samples, len(outcome.shards),
+            len(outcome.skipped),
+        )  # fmt: skip
     dataset = DatasetManifest(
         layout=listing.layout,
         classes=listing.classes,
@@ -324,72 +337,6 @@ def _commit(
     )
     storage.write_text(storage.join(dest, MANIFEST_NAME), dataset.to_json())
     return dataset
-
-
-def _check_every_split_kept_something(
-    source: str,
-    listing: SourceListing,
-    tasks: list[ShardTask],
-    receipts: dict[tuple[str, int], ShardReceipt],
-) -> None:
-    """Refuses to commit a split whose every input was skipped: that is a broken source.
-
-    Raises:
-        ValueError: Naming the split and its skip reasons.
-    """
-    for split in sorted({task.split for task in tasks} | set(listing.skipped)):
-        split_receipts = [receipts[(t.split, t.index)] for t in tasks if t.split == split]
-        if any(r.shard.num_samples for r in split_receipts):
-            continue
-        skipped = list(listing.skipped.get(split, []))
-        skipped += [s for r in split_receipts for s in r.skipped]
-        reasons = Counter(s.reason for s in skipped)
-        by_reason = ", ".join(f"{reason} {count}" for reason, count in sorted(reasons.items()))
-        raise ValueError(
-            f"{source}: split {split!r}: all {len(skipped)} inputs were skipped ({by_reason}); "
-            f"first: {skipped[0].source}: {skipped[0].detail}"
-        )
-
-
-def _log_summary(
-    manifest: DatasetManifest,
-    listing_skipped: dict[str, list[SkippedInput]],
-    receipts: Iterable[ShardReceipt],
-    total_inputs: int,
-    rate: float,
-) -> None:
-    reasons = Counter(s.reason for items in listing_skipped.values() for s in items)
-    reasons.update(s.reason for receipt in receipts for s in receipt.skipped)
-    written = sum(split.num_samples for split in manifest.splits.values())
-    read = total_inputs + sum(len(items) for items in listing_skipped.values())
-    by_reason = ", ".join(f"{reason} {count}" for reason, count in sorted(reasons.items()))
-    logger.info(
-        "done: %d read, %d written, %d skipped%s; %.1f img/s",
-        read, written, sum(reasons.values()), f" ({by_reason})" if by_reason else "", rate,
-    )  # fmt: skip
-    for split, summary in sorted(manifest.splits.items()):
-        logger.info("  %s: %d samples in %d shards", split, summary.num_samples, summary.num_shards)
-
-
-def _push_metrics(manifest: DatasetManifest, written: list[ShardTask], duration_s: float) -> None:
-    """Pushes each split's counts to the Pushgateway when ``$PUSHGATEWAY_URL`` is set.
-
-    One group per layout and split: both take a handful of values, where a dataset URI
-    would make a new series per dataset. The duration is the whole step's, in every group.
-    """
-    for split, summary in sorted(manifest.splits.items()):
-        push_job_metrics(
-            "prepare-shards",
-            {
-                "shards": summary.num_shards,
-                # Fewer than "shards" when a rerun reused finished shards.
-                "shards_written": sum(task.split == split for task in written),
-                "samples": summary.num_samples,
-                "samples_skipped": summary.num_skipped,
-                "prepare_duration_seconds": duration_s,
-            },
-            grouping={"layout": manifest.layout, "split": split},
-        )
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,101 @@
+"""What a ``prepare-shards`` run did with its inputs: found, written, skipped by reason, failed.
+
+The shards of a split and the inputs it left out are gathered once (:class:`SplitOutcome`);
+the commit, the refusal of a split that kept nothing, the closing log lines and the pushed
+metrics all read them, so the numbers a user sees agree wherever they look.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from ladder_siam.data.manifest import ShardEntry, SkippedInput
+from ladder_siam.runtime.metrics import push_job_metrics
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SplitOutcome:
+    """One split's shards, in order, and every input it left out, with the reason."""
+
+    shards: list[ShardEntry]
+    skipped: list[SkippedInput]
+
+    @property
+    def num_samples(self) -> int:
+        """Samples written into the split's shards."""
+        return sum(shard.num_samples for shard in self.shards)
+
+
+def by_reason(skipped: Iterable[SkippedInput]) -> str:
+    """``"corrupt 2, missing-image 1"``: skipped inputs counted by reason."""
+    reasons = Counter(item.reason for item in skipped)
+    return ", ".join(f"{reason} {count}" for reason, count in sorted(reasons.items()))
+
+
+def require_samples(source: str, outcomes: Mapping[str, SplitOutcome]) -> None:
+    """Refuses a split whose every input was skipped: its source is broken, not small.
+
+    Raises:
+        ValueError: Naming the split, its skip reasons and the first input skipped.
+    """
+    for split, outcome in sorted(outcomes.items()):
+        if outcome.num_samples == 0:
+            first = outcome.skipped[0]
+            raise ValueError(
+                f"{source}: split {split!r}: all {len(outcome.skipped)} inputs were skipped "
+                f"({by_reason(outcome.skipped)}); first: {first.source}: {first.detail}"
+            )
+
+
+def log_summary(outcomes: Mapping[str, SplitOutcome], rate: float) -> None:
+    """The closing lines: inputs found, written and skipped by reason, then each split."""
+    skipped = [item for outcome in outcomes.values() for item in outcome.skipped]
+    written = sum(outcome.num_samples for outcome in outcomes.values())
+    reasons = by_reason(skipped)
+    logger.info(
+        "done: %d found, %d written, %d skipped%s; %.1f img/s",
+        written + len(skipped), written, len(skipped), f" ({reasons})" if reasons else "", rate,
+    )  # fmt: skip
+    for split, outcome in sorted(outcomes.items()):
+        logger.info(
+            "  %s: %d samples in %d shards", split, outcome.num_samples, len(outcome.shards)
+        )
+
+
+def log_failure(error: OSError, complete: int, total: int) -> None:
+    """The closing line of a run that a failed read stopped."""
+    logger.error(
+        "failed: %s; %d of %d shards are complete and kept; rerun to write the rest",
+        error, complete, total,
+    )  # fmt: skip
+
+
+def push_metrics(
+    layout: str,
+    outcomes: Mapping[str, SplitOutcome],
+    shards_written: Mapping[str, int],
+    duration_s: float,
+) -> None:
+    """Pushes each split's counts to the Pushgateway when ``$PUSHGATEWAY_URL`` is set.
+
+    One group per layout and split: both take a handful of values, where a dataset URI
+    would make a new series per dataset. The duration is the whole step's, in every group.
+    """
+    for split, outcome in sorted(outcomes.items()):
+        push_job_metrics(
+            "prepare-shards",
+            {
+                "shards": len(outcome.shards),
+                # Fewer than "shards" when a rerun reused finished shards.
+                "shards_written": shards_written.get(split, 0),
+                "samples": outcome.num_samples,
+                "samples_skipped": len(outcome.skipped),
+                "prepare_duration_seconds": duration_s,
+            },
+            grouping={"layout": layout, "split": split},
+        )
