@@ -14,6 +14,7 @@ import threading
 from pathlib import Path
 from types import FrameType
 
+import kubernetes_validate
 import pytest
 import torch
 from crd_schemas import crd_errors
@@ -81,8 +82,17 @@ def test_four_node_job_matches_the_crd_schema(monkeypatch: pytest.MonkeyPatch) -
         assert pod["spec"]["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
         assert pod["spec"]["tolerations"][0]["key"] == "nvidia.com/gpu"
         assert pod["spec"]["volumes"] == [
-            {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "32Gi"}}
+            {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "32Gi"}},
+            {"name": "tmp", "emptyDir": {"sizeLimit": "100Gi"}},
         ]
+        # Hardened: Istio off, no API token, non-root with seccomp, read-only root, no caps.
+        assert pod["metadata"]["annotations"] == {"sidecar.istio.io/inject": "false"}
+        assert pod["spec"]["automountServiceAccountToken"] is False
+        assert pod["spec"]["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+        assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+        kubernetes_validate.validate(
+            {"apiVersion": "v1", "kind": "Pod", **pod}, "1.32", strict=True
+        )
         (container,) = pod["spec"]["containers"]
         assert container["name"] == "pytorch"
         assert not container["image"].endswith(":latest")
@@ -99,9 +109,13 @@ def test_four_node_job_matches_the_crd_schema(monkeypatch: pytest.MonkeyPatch) -
         )
         assert pod["metadata"]["labels"]["ladder-siam/method"] == PAPER.method
         assert container["ports"] == [{"name": "metrics", "containerPort": 9400, "protocol": "TCP"}]
-        assert container["volumeMounts"] == [{"name": "dshm", "mountPath": "/dev/shm"}]
+        assert container["volumeMounts"] == [
+            {"name": "dshm", "mountPath": "/dev/shm"},
+            {"name": "tmp", "mountPath": "/tmp"},
+        ]
         security = container["securityContext"]
         assert security["runAsNonRoot"] is True and security["allowPrivilegeEscalation"] is False
+        assert security["readOnlyRootFilesystem"] is True
         assert security["capabilities"] == {"drop": ["ALL"]}
         # Credentials come only by reference to the Secret, never as values.
         assert container["envFrom"] == [{"secretRef": {"name": "s3-credentials"}}]

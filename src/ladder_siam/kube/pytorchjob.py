@@ -22,6 +22,7 @@ KIND = "PyTorchJob"
 # The operator finds the training container by this name; any other name is rejected.
 CONTAINER_NAME = "pytorch"
 MANAGED_BY = "ladder-siam"
+ISTIO_INJECT = "sidecar.istio.io/inject"
 
 # A DNS-1035 label (starts with a letter) is also a DNS-1123 label; the operator derives
 # Service names from the job name and Services need DNS-1035.
@@ -51,6 +52,8 @@ class LaunchConfig:
         memory_request: memory request per pod.
         memory_limit: memory limit per pod.
         shm_size: size of the in-memory ``/dev/shm`` (loader workers pass batches through it).
+        tmp_size: size of the ``/tmp`` volume: the root filesystem is read-only, and HOME,
+            torch.compile's caches and the S3 upload spool live there.
         node_selector: node labels the pods require.
         tolerations: Kubernetes tolerations, e.g. for tainted GPU nodes.
         s3_secret: Secret whose keys become environment variables (``AWS_*``), or None.
@@ -72,6 +75,7 @@ class LaunchConfig:
     memory_request: str = "128Gi"
     memory_limit: str | None = "128Gi"
     shm_size: str = "32Gi"
+    tmp_size: str = "100Gi"
     node_selector: dict[str, str] = field(default_factory=dict)
     tolerations: tuple[dict[str, Any], ...] = ()
     s3_secret: str | None = None
@@ -106,7 +110,7 @@ class LaunchConfig:
         for label, quantity in (
             ("cpu_request", self.cpu_request), ("cpu_limit", self.cpu_limit),
             ("memory_request", self.memory_request), ("memory_limit", self.memory_limit),
-            ("shm_size", self.shm_size),
+            ("shm_size", self.shm_size), ("tmp_size", self.tmp_size),
         ):  # fmt: skip
             _check(
                 quantity is None or _QUANTITY.fullmatch(quantity),
@@ -186,11 +190,15 @@ def _container(config: LaunchConfig) -> dict[str, Any]:
         "imagePullPolicy": "IfNotPresent",
         "command": torchrun_command(config.nodes, config.gpus_per_node, config.pretrain_argv()),
         "resources": {"requests": requests, "limits": limits},
-        "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}],
+        "volumeMounts": [
+            {"name": "dshm", "mountPath": "/dev/shm"},
+            {"name": "tmp", "mountPath": "/tmp"},
+        ],
         "securityContext": {
             "runAsNonRoot": True,
             "runAsUser": config.run_as_user,
             "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
             "capabilities": {"drop": ["ALL"]},
             "seccompProfile": {"type": "RuntimeDefault"},
         },
@@ -207,11 +215,20 @@ def _container(config: LaunchConfig) -> dict[str, Any]:
 def _replica_spec(config: LaunchConfig, replicas: int) -> dict[str, Any]:
     pod_spec: dict[str, Any] = {
         "containers": [_container(config)],
-        # The default 64 MiB /dev/shm is too small for loader workers' shared-memory batches.
         "volumes": [
-            {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": config.shm_size}}
+            # The default 64 MiB /dev/shm is too small for loader workers' shared-memory batches.
+            {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": config.shm_size}},
+            {"name": "tmp", "emptyDir": {"sizeLimit": config.tmp_size}},
         ],
-        "securityContext": {"runAsNonRoot": True, "runAsUser": config.run_as_user},
+        # The trainer never calls the Kubernetes API: no token in its pods.
+        "automountServiceAccountToken": False,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": config.run_as_user,
+            "runAsGroup": config.run_as_user,
+            "fsGroup": config.run_as_user,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
     }
     if config.node_selector:
         pod_spec["nodeSelector"] = dict(config.node_selector)
@@ -221,7 +238,12 @@ def _replica_spec(config: LaunchConfig, replicas: int) -> dict[str, Any]:
         "replicas": replicas,
         # A crashed pod restarts in place and the trainer resumes from its newest checkpoint.
         "restartPolicy": "OnFailure",
-        "template": {"metadata": {"labels": config.labels()}, "spec": pod_spec},
+        "template": {
+            # Istio sidecars (injected in Kubeflow's profile namespaces) break torchrun's
+            # rendezvous and NCCL between pods, and keep finished pods from completing.
+            "metadata": {"labels": config.labels(), "annotations": {ISTIO_INJECT: "false"}},
+            "spec": pod_spec,
+        },
     }
 
 
