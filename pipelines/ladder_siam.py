@@ -96,6 +96,9 @@ def ladder_siam_pipeline(
     image: str = DEFAULTS.image,
     namespace: str = DEFAULTS.namespace,
     s3_secret: str = DEFAULTS.s3_secret,
+    queue_name: str = DEFAULTS.queue_name,
+    scheduler: str = DEFAULTS.scheduler,
+    priority_class: str = DEFAULTS.priority_class,
     probe_preset: str = DEFAULTS.probe_preset,
     detection_preset: str = DEFAULTS.detection_preset,
     segmentation_preset: str = DEFAULTS.segmentation_preset,
@@ -133,6 +136,11 @@ def ladder_siam_pipeline(
         namespace: Namespace of the PyTorchJob; empty: the pipeline's own namespace.
         s3_secret: Secret with AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL,
             AWS_DEFAULT_REGION.
+        queue_name: Kueue LocalQueue for the PyTorchJob (and the gang scheduler's queue);
+            empty: none.
+        scheduler: default, or a gang scheduler that starts all pods together or none:
+            volcano or scheduler-plugins (a 4x8-GPU job never holds half its GPUs waiting).
+        priority_class: PriorityClass of the training pods; empty: the namespace default.
         probe_preset: Linear-probe protocol: paper or tiny.
         detection_preset: Detection schedule: coco-1x or tiny.
         segmentation_preset: Segmentation schedule: voc, cityscapes or tiny.

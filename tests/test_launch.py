@@ -131,6 +131,38 @@ def test_the_schema_check_catches_a_broken_job() -> None:
     assert len(crd_errors(job)) == 3
 
 
+@pytest.mark.parametrize(
+    ("scheduler", "scheduler_name"),
+    [("volcano", "volcano"), ("scheduler-plugins", "scheduler-plugins-scheduler")],
+)
+def test_a_gang_scheduled_job_starts_all_its_pods_or_none(
+    scheduler: str, scheduler_name: str
+) -> None:
+    job = build_pytorchjob(
+        launch_config(scheduler=scheduler, queue_name="gpu-research", priority_class="training")
+    )
+    assert crd_errors(job) == []
+    assert job["spec"]["runPolicy"]["schedulingPolicy"] == {
+        "minAvailable": 4, "queue": "gpu-research", "priorityClass": "training",
+    }  # fmt: skip
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-research"
+    for replica in job["spec"]["pytorchReplicaSpecs"].values():
+        pod = replica["template"]["spec"]
+        assert pod["schedulerName"] == scheduler_name
+        assert pod["priorityClassName"] == "training"
+
+
+def test_the_default_scheduler_sends_no_gang_and_kueue_needs_only_the_label() -> None:
+    job = build_pytorchjob(launch_config(queue_name="team-a"))
+    assert crd_errors(job) == []
+    assert "schedulingPolicy" not in job["spec"]["runPolicy"]
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
+    pod = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+    assert "schedulerName" not in pod and "priorityClassName" not in pod
+    plain = build_pytorchjob(launch_config())
+    assert "kueue.x-k8s.io/queue-name" not in plain["metadata"]["labels"]
+
+
 def test_single_node_job_has_no_workers_and_digest_images_are_pinned() -> None:
     image = "ghcr.io/acme/ladder-siam@sha256:" + "ab" * 32
     job = build_pytorchjob(launch_config(nodes=1, gpus_per_node=2, image=image, s3_secret=None))
@@ -153,6 +185,8 @@ def test_single_node_job_has_no_workers_and_digest_images_are_pinned() -> None:
         ({"run_id": "run 1!"}, "run_id 'run 1!'"),
         ({"node_selector": {"pool": "gpu nodes"}}, "node_selector pool="),
         ({"memory_limit": "lots"}, "memory_limit 'lots'"),
+        ({"scheduler": "yunikorn"}, "scheduler 'yunikorn': one of default, volcano"),
+        ({"queue_name": "Team A"}, "queue_name 'Team A'"),
         ({"pretrain": dataclasses.replace(PAPER, metrics_port=70000)}, "metrics_port 70000"),
         ({"pretrain": dataclasses.replace(PAPER, method="GG?G")}, "method 'GG?G'"),
     ],

@@ -68,6 +68,9 @@ class PipelineInputs:
     image: str = IMAGE
     namespace: str = ""
     s3_secret: str = "ladder-siam-s3"
+    queue_name: str = ""
+    scheduler: str = "default"
+    priority_class: str = ""
     probe_preset: str = "paper"
     detection_preset: str = "coco-1x"
     segmentation_preset: str = "voc"
@@ -304,5 +307,8 @@ def launch_config(inputs: PipelineInputs, name: str, pretrain: PretrainConfig) -
         node_selector=dict(inputs.gpu_node_selector),
         tolerations=tuple(inputs.gpu_tolerations),
         s3_secret=inputs.s3_secret or None,
+        queue_name=inputs.queue_name or None,
+        scheduler=inputs.scheduler,
+        priority_class=inputs.priority_class or None,
         active_deadline_seconds=deadline,
     )

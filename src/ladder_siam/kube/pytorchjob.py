@@ -23,6 +23,15 @@ KIND = "PyTorchJob"
 CONTAINER_NAME = "pytorch"
 MANAGED_BY = "ladder-siam"
 ISTIO_INJECT = "sidecar.istio.io/inject"
+# Kueue admits a job whose label names a LocalQueue, all of its pods at once.
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+# Gang schedulers by their name here -> the pods' schedulerName. "default" is the cluster's
+# own scheduler, which places pods one by one.
+SCHEDULERS = {
+    "default": None,
+    "volcano": "volcano",
+    "scheduler-plugins": "scheduler-plugins-scheduler",
+}
 
 # A DNS-1035 label (starts with a letter) is also a DNS-1123 label; the operator derives
 # Service names from the job name and Services need DNS-1035.
@@ -57,6 +66,11 @@ class LaunchConfig:
         node_selector: node labels the pods require.
         tolerations: Kubernetes tolerations, e.g. for tainted GPU nodes.
         s3_secret: Secret whose keys become environment variables (``AWS_*``), or None.
+        queue_name: Kueue LocalQueue to submit to (the ``kueue.x-k8s.io/queue-name`` label),
+            or None.
+        scheduler: ``default``, or a gang scheduler (``volcano``, ``scheduler-plugins``) that
+            starts all ``nodes`` pods together or none: a job never holds half its GPUs.
+        priority_class: PriorityClass of the pods (and of the gang), or None.
         run_as_user: UID of the training process (the pods run as non-root).
         backoff_limit: pod restarts before the job fails (runs resume from checkpoints).
         active_deadline_seconds: wall-clock limit of the job, or None.
@@ -79,6 +93,9 @@ class LaunchConfig:
     node_selector: dict[str, str] = field(default_factory=dict)
     tolerations: tuple[dict[str, Any], ...] = ()
     s3_secret: str | None = None
+    queue_name: str | None = None
+    scheduler: str = "default"
+    priority_class: str | None = None
     run_as_user: int = 1000
     backoff_limit: int = 3
     active_deadline_seconds: int | None = None
@@ -119,6 +136,18 @@ class LaunchConfig:
         _check(
             self.s3_secret is None or _NAMESPACE.fullmatch(self.s3_secret),
             f"s3_secret {self.s3_secret!r}: a Secret name (DNS-1123)",
+        )
+        for label, name in (
+            ("queue_name", self.queue_name),
+            ("priority_class", self.priority_class),
+        ):
+            _check(
+                name is None or (_NAMESPACE.fullmatch(name) and len(name) <= 63),
+                f"{label} {name!r}: a Kubernetes object name (DNS-1123)",
+            )
+        _check(
+            self.scheduler in SCHEDULERS,
+            f"scheduler {self.scheduler!r}: one of {', '.join(SCHEDULERS)}",
         )
         _check(self.backoff_limit >= 0, f"backoff_limit {self.backoff_limit}: at least 0")
         _check(
@@ -234,6 +263,10 @@ def _replica_spec(config: LaunchConfig, replicas: int) -> dict[str, Any]:
         pod_spec["nodeSelector"] = dict(config.node_selector)
     if config.tolerations:
         pod_spec["tolerations"] = [dict(toleration) for toleration in config.tolerations]
+    if SCHEDULERS[config.scheduler] is not None:
+        pod_spec["schedulerName"] = SCHEDULERS[config.scheduler]
+    if config.priority_class is not None:
+        pod_spec["priorityClassName"] = config.priority_class
     return {
         "replicas": replicas,
         # A crashed pod restarts in place and the trainer resumes from its newest checkpoint.
@@ -272,10 +305,21 @@ def build_pytorchjob(config: LaunchConfig) -> dict[str, Any]:
     }
     if config.active_deadline_seconds is not None:
         run_policy["activeDeadlineSeconds"] = config.active_deadline_seconds
+    if config.scheduler != "default":
+        # One gang of every pod: the operator's PodGroup is scheduled whole or not at all.
+        gang: dict[str, Any] = {"minAvailable": config.nodes}
+        if config.queue_name is not None:
+            gang["queue"] = config.queue_name
+        if config.priority_class is not None:
+            gang["priorityClass"] = config.priority_class
+        run_policy["schedulingPolicy"] = gang
+    labels = config.labels()
+    if config.queue_name is not None:
+        labels[KUEUE_QUEUE_LABEL] = config.queue_name
     return {
         "apiVersion": API_VERSION,
         "kind": KIND,
-        "metadata": {"name": config.name, "namespace": config.namespace, "labels": config.labels()},
+        "metadata": {"name": config.name, "namespace": config.namespace, "labels": labels},
         "spec": {
             # Explicit, so the operator does not fall back to "auto" (one process per CPU).
             "nprocPerNode": str(config.gpus_per_node),
