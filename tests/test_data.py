@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from storage_trees import upload_tree
 from system_tools import free_port, require_tool
 
 from ladder_siam.data.manifest import load_split
 from ladder_siam.data.shards import CenterCropResize, DecodedSample, ShardDataset, make_loader
-from ladder_siam.io import storage
 from ladder_siam.prep.prepare_shards import prepare_shards
 
 IMAGES = 45  # 7 shards of up to 7: an odd count, and the last one short
@@ -110,11 +110,7 @@ def test_too_small_a_split_fails_clearly(shards: str) -> None:
 
 @pytest.mark.integration
 def test_streams_from_s3(shards: str, s3_bucket: str) -> None:
-    for path in Path(shards).rglob("*"):
-        if path.is_file():
-            storage.write_bytes(
-                f"{s3_bucket}/ds/{path.relative_to(shards).as_posix()}", path.read_bytes()
-            )
+    upload_tree(Path(shards), f"{s3_bucket}/ds")
     local = ShardDataset(load_split(shards), 4, KeyAndNoise(), 0, 1, seed=2)
     remote = ShardDataset(load_split(f"{s3_bucket}/ds"), 4, KeyAndNoise(), 0, 1, seed=2)
     assert [k for k, _ in _batches(local, 2)] == [k for k, _ in _batches(remote, 2)]

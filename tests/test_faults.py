@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from fault_proxy import Fault, FaultProxy, fault_proxy
+from storage_trees import upload_tree
 from system_tools import free_port
 
 from ladder_siam.artifacts import pull
@@ -40,14 +41,6 @@ def proxy(
     storage.set_s3_endpoint(s3_endpoint)
 
 
-def _upload_tree(local: Path, uri: str) -> None:
-    for path in sorted(local.rglob("*")):
-        if path.is_file():
-            storage.write_bytes(
-                storage.join(uri, path.relative_to(local).as_posix()), path.read_bytes()
-            )
-
-
 @pytest.fixture(scope="module")
 def demo_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("demo")
@@ -60,7 +53,7 @@ def test_a_denied_read_fails_prepare_shards_and_the_rerun_completes(
     proxy: FaultProxy, s3_bucket: str, demo_tree: Path
 ) -> None:
     source, dest = f"{s3_bucket}/raw", f"{s3_bucket}/shards"
-    _upload_tree(demo_tree / "imagefolder", source)
+    upload_tree(demo_tree / "imagefolder", source)
     denied = next(
         uri for uri in (f.uri for f in storage.list_files(source)) if uri.endswith(".jpg")
     )
@@ -85,7 +78,7 @@ def test_a_shard_read_reset_mid_body_resumes_at_the_right_byte(
     proxy: FaultProxy, s3_bucket: str, demo_tree: Path, tmp_path: Path
 ) -> None:
     prepare_shards(str(demo_tree / "imagefolder"), str(tmp_path / "shards"), shard_size=100)
-    _upload_tree(tmp_path / "shards", f"{s3_bucket}/shards")
+    upload_tree(tmp_path / "shards", f"{s3_bucket}/shards")
     split = load_split(f"{s3_bucket}/shards/train")
     [uri] = split.shard_uris()
     expected = [s["__key__"] for s in read_shard(str(tmp_path / "shards/train/shard-000000.tar"))]

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import webdataset as wds
 from PIL import Image
+from storage_trees import upload_tree
 
 from ladder_siam.cli import main as cli_main
 from ladder_siam.data.manifest import load_split
@@ -232,10 +233,7 @@ def test_shards_are_standard_webdataset(messy_source: Path, tmp_path: Path) -> N
 
 @pytest.mark.integration
 def test_s3_source_to_s3_shards(messy_source: Path, s3_bucket: str, tmp_path: Path) -> None:
-    for path in messy_source.rglob("*"):
-        if path.is_file():
-            relative = path.relative_to(messy_source).as_posix()
-            storage.write_bytes(f"{s3_bucket}/raw/{relative}", path.read_bytes())
+    upload_tree(messy_source, f"{s3_bucket}/raw")
     local = str(tmp_path / "local")
     prepare_shards(str(messy_source), local, shard_size=3, workers=2)
     prepare_shards(f"{s3_bucket}/raw", f"{s3_bucket}/datasets/messy", shard_size=3, workers=2)

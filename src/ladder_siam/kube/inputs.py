@@ -12,6 +12,7 @@ a run's dataset is never rewritten under it by a later run on newer data.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
@@ -26,7 +27,6 @@ from ladder_siam.kube.pytorchjob import LaunchConfig
 from ladder_siam.prep.sources import LAYOUTS
 from ladder_siam.pretrain.config import PretrainConfig, make_config
 from ladder_siam.runtime.run_folder import DATASETS, RunFolder
-from ladder_siam.runtime.typed_config import config_to_dict
 
 # Where pretraining runs: a PyTorchJob, or torchrun on this machine (kfp.local runs).
 BACKENDS = ("kubernetes", "local")
@@ -119,11 +119,6 @@ def run_name(requested: str, job_name: str) -> str:
     return name if name[0].isalpha() else f"run-{name}"[:_NAME_CHARS]
 
 
-def run_uri(output_uri: str, name: str) -> str:
-    """The run's folder under the output URI (see :mod:`ladder_siam.runtime.run_folder`)."""
-    return RunFolder.of(output_uri, name).uri
-
-
 def pod_namespace(requested: str) -> str:
     """``requested``, or the namespace of the pod this runs in (a Kubeflow profile's)."""
     if requested:
@@ -181,7 +176,7 @@ def validate(inputs: PipelineInputs, job_name: str) -> list[str]:
         name = run_name(inputs.run_name, job_name)
     except ValueError as error:
         return [str(error)]
-    out = run_uri(inputs.output_uri, name)
+    out = RunFolder.of(inputs.output_uri, name).uri
     world_size = inputs.nodes * inputs.gpus_per_node
     # The trainer's and the launcher's own checks, on the settings they will be given.
     try:
@@ -228,12 +223,12 @@ def plan_run(inputs: PipelineInputs, job_name: str) -> RunPlan:
         folder = _NOT_NAME.sub("-", source.rstrip("/").rsplit("/", 1)[-1].lower()).strip("-")
         dest = storage.join(inputs.output_uri, DATASETS, f"{folder or dataset}-{fingerprint}")
         datasets[dataset] = DatasetPlan(source, layout, dest, fingerprint, files, total)
-    uri = run_uri(inputs.output_uri, name)
+    uri = RunFolder.of(inputs.output_uri, name).uri
     pretrain = pretrain_config(inputs, datasets["pretrain"].dest, uri)
     launch = launch_config(inputs, name, pretrain)
     # As a JSON string, not a KFP dict parameter: a protobuf Struct cannot hold None (an unset
     # deadline, metrics off) and would turn every integer into a float.
-    return RunPlan(name, uri, datasets, json.dumps(config_to_dict(launch), sort_keys=True))
+    return RunPlan(name, uri, datasets, json.dumps(dataclasses.asdict(launch), sort_keys=True))
 
 
 def _uris(inputs: PipelineInputs) -> list[tuple[str, str]]:

@@ -9,13 +9,13 @@ reference to a Secret (``envFrom.secretRef``); the manifest never holds a creden
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from ladder_siam.pretrain.config import PretrainConfig
-from ladder_siam.runtime.typed_config import config_to_dict
 
 API_VERSION = "kubeflow.org/v1"
 KIND = "PyTorchJob"
@@ -173,7 +173,7 @@ class LaunchConfig:
 
     def pretrain_argv(self) -> list[str]:
         """The ``ladder_siam.pretrain`` arguments: the whole config as one JSON argument."""
-        return ["--config-json", json.dumps(config_to_dict(self.pretrain), sort_keys=True)]
+        return ["--config-json", json.dumps(dataclasses.asdict(self.pretrain), sort_keys=True)]
 
 
 def _check(condition: object, message: str) -> None:

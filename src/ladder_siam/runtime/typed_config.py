@@ -1,4 +1,4 @@
-"""Config dataclasses as JSON and back, with every value checked against its field's type.
+"""Config dataclasses back from JSON, with every value checked against its field's type.
 
 Settings cross process boundaries as JSON: from ``check-inputs`` to the launcher and the
 training pods through KFP (whose protobuf ``Struct`` turns every number into a float and every
@@ -17,11 +17,6 @@ from collections.abc import Mapping
 from typing import Any, TypeVar
 
 T = TypeVar("T")
-
-
-def config_to_dict(config: Any) -> dict[str, Any]:
-    """The dataclass ``config`` as JSON-compatible data (nested dataclasses included)."""
-    return dataclasses.asdict(config)
 
 
 def config_from_dict(config_type: type[T], data: Mapping[str, Any], source: str) -> T:
