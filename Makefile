@@ -22,14 +22,14 @@ $(STAMP): pyproject.toml
 # pretraining -> the three evaluations -> report, once for BYOL and once for Ladder-BYOL, whose
 # report compares the two.
 RUN_LOCAL := $(BIN)/ladder-siam pipeline run-local --params configs/pipeline_demo.yaml \
-	--pipeline-root $(DEMO)/kfp --param output_uri=$(DEMO) \
-	--param source_uri=$(DEMO)/raw/imagefolder --param detection_source_uri=$(DEMO)/raw/coco \
-	--param segmentation_source_uri=$(DEMO)/raw/voc
+	--pipeline-root $(DEMO)/kfp --param data_output_uri=$(DEMO) \
+	--param data_source_uri=$(DEMO)/raw/imagefolder --param data_detection_uri=$(DEMO)/raw/coco \
+	--param data_segmentation_uri=$(DEMO)/raw/voc
 demo: setup
 	$(BIN)/ladder-siam demo-data --dest $(DEMO)/raw --images 600 --size 96
-	$(RUN_LOCAL) --param method=byol --param run_name=byol
-	$(RUN_LOCAL) --param method=ladder-byol --param run_name=ladder-byol \
-	  --param 'compare_runs=[$(DEMO)/runs/byol]'
+	$(RUN_LOCAL) --param pretrain_method=byol --param pretrain_run_name=byol
+	$(RUN_LOCAL) --param pretrain_method=ladder-byol --param pretrain_run_name=ladder-byol \
+	  --param 'report_compare_runs=[$(DEMO)/runs/byol]'
 	@echo "Report: $(DEMO)/runs/ladder-byol/report/index.html (Markdown: report.md beside it)"
 
 test: setup

@@ -1,4 +1,4 @@
-"""Pretraining: a light launcher pod that runs a PyTorchJob (or torchrun in local runs)."""
+"""Pretraining: a light launcher pod that runs a PyTorchJob or TrainJob (torchrun in local runs)."""
 
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Metrics, Model, Output
@@ -11,10 +11,11 @@ def pretrain(
     dataset: Input[Dataset],
     launch: str,
     backend: str,
+    kfp_run_id: str,
     model: Output[Model],
     metrics: Output[Metrics],
 ) -> None:
-    """Submits the PyTorchJob, streams its master's log and waits; deletes it if cancelled."""
+    """Submits the training job, streams its rank-0 log and waits; deletes it if cancelled."""
     from ladder_siam.kube.steps import pretrain as run_pretraining
 
-    run_pretraining(dataset, launch, backend, model, metrics)
+    run_pretraining(dataset, launch, backend, kfp_run_id, model, metrics)

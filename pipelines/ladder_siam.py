@@ -4,17 +4,22 @@
 check_inputs (uncached: validates, fingerprints the sources)
    ├─► prepare_shards ×3 (pretraining, COCO, VOC; cached while their fingerprint holds)
    ▼
-pretrain (a light launcher pod; the PyTorchJob's pods hold the GPUs)
+pretrain (a light launcher pod; the PyTorchJob's or TrainJob's pods hold the GPUs)
    ├─► linear_probe ─┐
    ├─► detection ────┼─► report
    └─► segmentation ─┘
 record_status (exit handler: runs whatever happened)
 ```
 
-Every step reads S3 credentials from the ``ladder-siam-s3`` Secret and ``PUSHGATEWAY_URL``
-from the optional ``ladder-siam-settings`` ConfigMap (both in ``k8s/base``). GPU steps get a
-node selector and tolerations from the parameters (A100 nodes by default) and a memory-backed
-``/dev/shm`` for their data loaders.
+Every step reads S3 credentials from the ``ladder-siam-s3`` Secret when it exists (without
+it, the steps use the cloud identity of the pipeline's service account) and
+``PUSHGATEWAY_URL`` from the optional ``ladder-siam-settings`` ConfigMap (both in
+``k8s/base``). GPU steps get a node selector and tolerations from the parameters (A100 nodes
+by default) and a memory-backed ``/dev/shm`` for their data loaders. Steps whose rerun is
+harmless (they resume or overwrite atomically) are retried with backoff.
+
+The parameters are named by group (``data_``, ``pretrain_``, ``eval_``, ``cluster_``,
+``report_``) because KFP's run form lists them alphabetically.
 """
 
 from kfp import dsl, kubernetes
@@ -27,24 +32,26 @@ from ladder_siam.components.pretrain import pretrain
 from ladder_siam.components.record_status import record_status
 from ladder_siam.components.report import report
 from ladder_siam.components.segmentation import finetune_segmentation
+from ladder_siam.io.s3 import CREDENTIAL_VARIABLES
 from ladder_siam.kube.inputs import PipelineInputs
 
 PIPELINE_NAME = "ladder-siam"
-S3_SECRET_KEYS = (
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_ENDPOINT_URL",
-    "AWS_DEFAULT_REGION",
-)
+# The steps' credentials; optional, so that a cluster with cloud identities needs none.
+STEPS_S3_SECRET = "ladder-siam-s3"
 SETTINGS_CONFIG_MAP = "ladder-siam-settings"
 # The parameters' defaults: the library's own (names, types and defaults live there).
 DEFAULTS = PipelineInputs()
+# A rerun of these steps is harmless: they resume, or rewrite their outputs atomically.
+RETRIES = {"num_retries": 2, "backoff_duration": "60s", "backoff_factor": 2.0}
 
 
-def _with_environment(task: dsl.PipelineTask, s3_secret: str) -> dsl.PipelineTask:
-    """S3 credentials from the Secret; the Pushgateway address from the settings, if any."""
+def _with_environment(task: dsl.PipelineTask) -> dsl.PipelineTask:
+    """S3 credentials (if the Secret exists), the Pushgateway address (if set), the namespace."""
     kubernetes.use_secret_as_env(
-        task, secret_name=s3_secret, secret_key_to_env={key: key for key in S3_SECRET_KEYS}
+        task,
+        secret_name=STEPS_S3_SECRET,
+        secret_key_to_env={key: key for key in CREDENTIAL_VARIABLES},
+        optional=True,
     )
     kubernetes.use_config_map_as_env(
         task,
@@ -52,6 +59,8 @@ def _with_environment(task: dsl.PipelineTask, s3_secret: str) -> dsl.PipelineTas
         config_map_key_to_env={"PUSHGATEWAY_URL": "PUSHGATEWAY_URL"},
         optional=True,
     )
+    # Pushed metrics are grouped by namespace, so that tenants never overwrite each other's.
+    kubernetes.use_field_path_as_env(task, "POD_NAMESPACE", "metadata.namespace")
     return task
 
 
@@ -79,142 +88,155 @@ def _with_shm(task: dsl.PipelineTask, size: str) -> dsl.PipelineTask:
     "and a report.",
 )
 def ladder_siam_pipeline(
-    source_uri: str = DEFAULTS.source_uri,
-    source_layout: str = DEFAULTS.source_layout,
-    detection_source_uri: str = DEFAULTS.detection_source_uri,
-    segmentation_source_uri: str = DEFAULTS.segmentation_source_uri,
-    output_uri: str = DEFAULTS.output_uri,
-    run_name: str = DEFAULTS.run_name,
-    method: str = DEFAULTS.method,
+    data_source_uri: str = DEFAULTS.data_source_uri,
+    data_source_layout: str = DEFAULTS.data_source_layout,
+    data_detection_uri: str = DEFAULTS.data_detection_uri,
+    data_segmentation_uri: str = DEFAULTS.data_segmentation_uri,
+    data_output_uri: str = DEFAULTS.data_output_uri,
+    data_shard_size: int = DEFAULTS.data_shard_size,
+    data_max_side: int = DEFAULTS.data_max_side,
+    data_prepare_workers: int = DEFAULTS.data_prepare_workers,
+    pretrain_run_name: str = DEFAULTS.pretrain_run_name,
+    pretrain_method: str = DEFAULTS.pretrain_method,
     pretrain_config: str = DEFAULTS.pretrain_config,
-    arch: str = DEFAULTS.arch,
-    epochs: int = DEFAULTS.epochs,
-    batch_size: int = DEFAULTS.batch_size,
-    nodes: int = DEFAULTS.nodes,
-    gpus_per_node: int = DEFAULTS.gpus_per_node,
-    sync_bn_scope: str = DEFAULTS.sync_bn_scope,
-    image: str = DEFAULTS.image,
-    namespace: str = DEFAULTS.namespace,
-    s3_secret: str = DEFAULTS.s3_secret,
-    queue_name: str = DEFAULTS.queue_name,
-    scheduler: str = DEFAULTS.scheduler,
-    priority_class: str = DEFAULTS.priority_class,
-    probe_preset: str = DEFAULTS.probe_preset,
-    detection_preset: str = DEFAULTS.detection_preset,
-    segmentation_preset: str = DEFAULTS.segmentation_preset,
-    compare_runs: list = DEFAULTS.compare_runs,
-    shard_size: int = DEFAULTS.shard_size,
-    max_side: int = DEFAULTS.max_side,
-    prepare_workers: int = DEFAULTS.prepare_workers,
-    gpu_node_selector: dict = DEFAULTS.gpu_node_selector,
-    gpu_tolerations: list = DEFAULTS.gpu_tolerations,
+    pretrain_arch: str = DEFAULTS.pretrain_arch,
+    pretrain_epochs: int = DEFAULTS.pretrain_epochs,
+    pretrain_batch_size: int = DEFAULTS.pretrain_batch_size,
+    pretrain_nodes: int = DEFAULTS.pretrain_nodes,
+    pretrain_gpus_per_node: int = DEFAULTS.pretrain_gpus_per_node,
+    pretrain_sync_bn_scope: str = DEFAULTS.pretrain_sync_bn_scope,
     pretrain_deadline_hours: float = DEFAULTS.pretrain_deadline_hours,
-    launch_backend: str = DEFAULTS.launch_backend,
+    eval_probe_preset: str = DEFAULTS.eval_probe_preset,
+    eval_detection_preset: str = DEFAULTS.eval_detection_preset,
+    eval_segmentation_preset: str = DEFAULTS.eval_segmentation_preset,
+    cluster_launch_backend: str = DEFAULTS.cluster_launch_backend,
+    cluster_image: str = DEFAULTS.cluster_image,
+    cluster_namespace: str = DEFAULTS.cluster_namespace,
+    cluster_s3_secret: str = DEFAULTS.cluster_s3_secret,
+    cluster_service_account: str = DEFAULTS.cluster_service_account,
+    cluster_queue_name: str = DEFAULTS.cluster_queue_name,
+    cluster_scheduler: str = DEFAULTS.cluster_scheduler,
+    cluster_priority_class: str = DEFAULTS.cluster_priority_class,
+    cluster_pending_timeout_minutes: float = DEFAULTS.cluster_pending_timeout_minutes,
+    cluster_gpu_node_selector: dict = DEFAULTS.cluster_gpu_node_selector,
+    cluster_gpu_tolerations: list = DEFAULTS.cluster_gpu_tolerations,
+    report_compare_runs: list = DEFAULTS.report_compare_runs,
 ) -> None:
     """The whole flow for one pretraining run.
 
     Args:
-        source_uri: Pretraining images (imagefolder with train/ and val/: its labels serve the
-            linear probe), s3://bucket/prefix.
-        source_layout: Layout of source_uri: imagefolder, coco, voc or flat.
-        detection_source_uri: COCO-layout dataset for the detection finetune.
-        segmentation_source_uri: VOC-layout dataset for the segmentation finetune.
-        output_uri: Where datasets/ and runs/<run_name>/ are written.
-        run_name: Names the run's folder and PyTorchJob; empty: the KFP run's name.
-        method: byol, ladder-byol, dense-byol, ladder-dense-byol or a level string (GGGG).
-        pretrain_config: Preset in the image's configs/ (the paper's recipes); the
-            parameters below override it.
-        arch: resnet18, resnet34, resnet50 or resnet101.
-        epochs: Pretraining epochs.
-        batch_size: Global batch over all GPUs; must divide by nodes x gpus_per_node.
-        nodes: PyTorchJob pods (one Master, the rest Workers).
-        gpus_per_node: GPUs and training processes per pod.
-        sync_bn_scope: GPUs that share BatchNorm statistics when the preset syncs them: all
-            (BYOL's) or node (each pod's; cheaper across nodes, see BENCHMARKS.md); empty:
-            the preset's.
-        image: Image of the PyTorchJob's pods (the steps' image is fixed at compile time).
-        namespace: Namespace of the PyTorchJob; empty: the pipeline's own namespace.
-        s3_secret: Secret with AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL,
-            AWS_DEFAULT_REGION.
-        queue_name: Kueue LocalQueue for the PyTorchJob (and the gang scheduler's queue);
-            empty: none.
-        scheduler: default, or a gang scheduler that starts all pods together or none:
-            volcano or scheduler-plugins (a 4x8-GPU job never holds half its GPUs waiting).
-        priority_class: PriorityClass of the training pods; empty: the namespace default.
-        probe_preset: Linear-probe protocol: paper or tiny.
-        detection_preset: Detection schedule: coco-1x or tiny.
-        segmentation_preset: Segmentation schedule: voc, cityscapes or tiny.
-        compare_runs: Earlier runs' folders to compare with in the report; the first is the
-            baseline (e.g. a BYOL run).
-        shard_size: Images per shard.
-        max_side: Down-scale larger images to this side when sharding; 0 keeps sizes.
-        prepare_workers: Processes that decode and write shards.
-        gpu_node_selector: Node labels the GPU pods require (A100 nodes by default).
-        gpu_tolerations: Tolerations of the GPU pods (tainted GPU nodes).
-        pretrain_deadline_hours: Wall-clock limit of the PyTorchJob; 0: none.
-        launch_backend: kubernetes (a PyTorchJob), or local (torchrun; for kfp.local runs).
+        data_source_uri: Pretraining images, s3://bucket/prefix (an imagefolder with train/
+            and val/: its labels serve the linear probe).
+        data_source_layout: Layout of data_source_uri: imagefolder, coco, voc or flat.
+        data_detection_uri: COCO-layout dataset for the detection finetune.
+        data_segmentation_uri: VOC-layout dataset for the segmentation finetune.
+        data_output_uri: Where datasets/ and runs/<run name>/ are written.
+        data_shard_size: Images per shard.
+        data_max_side: Down-scale larger images to this side when sharding; 0 keeps sizes.
+        data_prepare_workers: Processes that decode and write shards.
+        pretrain_run_name: Names the run's folder and job; empty: the KFP run's name.
+        pretrain_method: byol, ladder-byol, dense-byol, ladder-dense-byol or a level string
+            (GGGG).
+        pretrain_config: Preset in the image's configs/ (the paper's recipes); the pretrain_
+            parameters override it.
+        pretrain_arch: resnet18, resnet34, resnet50 or resnet101.
+        pretrain_epochs: Pretraining epochs.
+        pretrain_batch_size: Global batch over all GPUs; must divide by nodes x GPUs per node.
+        pretrain_nodes: Pods of the training job, one per node.
+        pretrain_gpus_per_node: GPUs and training processes per pod.
+        pretrain_sync_bn_scope: GPUs that share BatchNorm statistics when the preset syncs
+            them: all (BYOL's) or node (each pod's; cheaper across nodes, see BENCHMARKS.md);
+            empty: the preset's.
+        pretrain_deadline_hours: Wall-clock limit of the training job; 0: none.
+        eval_probe_preset: Linear-probe protocol: paper or tiny.
+        eval_detection_preset: Detection schedule: coco-1x or tiny.
+        eval_segmentation_preset: Segmentation schedule: voc, cityscapes or tiny.
+        cluster_launch_backend: pytorchjob (training operator), trainjob (Kubeflow Trainer
+            v2, runtime from k8s/trainer), or local (torchrun; for kfp.local runs).
+        cluster_image: Image of the training pods (the steps' image is fixed at compile time).
+        cluster_namespace: Namespace of the training job; empty: the pipeline's own.
+        cluster_s3_secret: Secret with the AWS_* keys for the training pods; empty: none, the
+            pods use the cloud identity of cluster_service_account (IRSA, Workload Identity).
+        cluster_service_account: ServiceAccount of the training pods; empty: the namespace's
+            default.
+        cluster_queue_name: Kueue LocalQueue of the training job (and the gang scheduler's
+            queue); empty: none.
+        cluster_scheduler: default, or a gang scheduler that starts all pods together or
+            none: volcano or scheduler-plugins (a 4x8-GPU job never holds half its GPUs).
+        cluster_priority_class: PriorityClass of the training pods; empty: the namespace's.
+        cluster_pending_timeout_minutes: Minutes the training job may wait for its pods to
+            run (GPUs, image, quota) before it is deleted and the step fails saying why; 0:
+            no limit.
+        cluster_gpu_node_selector: Node labels the GPU pods require (A100 nodes by default).
+        cluster_gpu_tolerations: Tolerations of the GPU pods (tainted GPU nodes).
+        report_compare_runs: Earlier runs' folders to compare with in the report; the first
+            is the baseline (e.g. a BYOL run).
     """
     parameters = dict(locals())  # all of them, for check-inputs (first: nothing else is local)
     status = record_status(
-        output_uri=output_uri, run_name=run_name, job_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER
+        output_uri=data_output_uri,
+        run_name=pretrain_run_name,
+        job_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
     )
-    _with_environment(status, s3_secret)
+    _with_environment(status)
     with dsl.ExitHandler(status, name="ladder-siam-run"):
         plan = check_inputs(**parameters, job_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER)
         # New data must be seen: the fingerprint is computed afresh on every run.
         plan.set_caching_options(False).set_display_name("check-inputs")
-        _with_environment(plan, s3_secret)
+        _with_environment(plan)
 
         datasets = {}
         for name, source, layout in (
-            ("pretrain", source_uri, source_layout),
-            ("detection", detection_source_uri, "coco"),
-            ("segmentation", segmentation_source_uri, "voc"),
+            ("pretrain", data_source_uri, data_source_layout),
+            ("detection", data_detection_uri, "coco"),
+            ("segmentation", data_segmentation_uri, "voc"),
         ):
             task = prepare_shards(
                 source=source,
                 layout=layout,
                 dest=plan.outputs[f"{name}_dest"],
                 fingerprint=plan.outputs[f"{name}_fingerprint"],
-                shard_size=shard_size,
-                max_side=max_side,
-                workers=prepare_workers,
+                shard_size=data_shard_size,
+                max_side=data_max_side,
+                workers=data_prepare_workers,
             )
             task.set_caching_options(True).set_display_name(f"prepare-{name}-shards")
             task.set_cpu_request("8").set_memory_request("32Gi").set_memory_limit("32Gi")
-            datasets[name] = _with_environment(task, s3_secret)
+            datasets[name] = _with_environment(task.set_retry(**RETRIES))
 
+        # A retried launcher adopts the job this KFP run created (labelled with the run id).
         training = pretrain(
             dataset=datasets["pretrain"].outputs["dataset"],
             launch=plan.outputs["launch"],
-            backend=launch_backend,
+            backend=cluster_launch_backend,
+            kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
         )
-        training.set_display_name("pretrain")
+        training.set_display_name("pretrain").set_retry(**RETRIES)
         training.set_cpu_request("500m").set_memory_request("1Gi").set_memory_limit("2Gi")
-        _with_environment(training, s3_secret)
+        _with_environment(training)
 
         backbone = training.outputs["model"]
         evaluations = {}
         for name, component, preset in (
-            ("linear-probe", linear_probe, probe_preset),
-            ("detection", finetune_detection, detection_preset),
-            ("segmentation", finetune_segmentation, segmentation_preset),
+            ("linear-probe", linear_probe, eval_probe_preset),
+            ("detection", finetune_detection, eval_detection_preset),
+            ("segmentation", finetune_segmentation, eval_segmentation_preset),
         ):
             dataset = datasets["pretrain" if name == "linear-probe" else name]
             task = component(model=backbone, dataset=dataset.outputs["dataset"], preset=preset)
-            task.set_display_name(name)
-            _on_gpu(task, gpu_node_selector, gpu_tolerations)
-            evaluations[name] = _with_environment(task, s3_secret)
+            task.set_display_name(name).set_retry(**RETRIES)
+            _on_gpu(task, cluster_gpu_node_selector, cluster_gpu_tolerations)
+            evaluations[name] = _with_environment(task)
 
         summary = report(
             model=backbone,
             dataset=datasets["pretrain"].outputs["dataset"],
-            compare_runs=compare_runs,
+            compare_runs=report_compare_runs,
             linear_probe_metrics=evaluations["linear-probe"].outputs["metrics"],
             detection_metrics=evaluations["detection"].outputs["metrics"],
             segmentation_metrics=evaluations["segmentation"].outputs["metrics"],
         )
-        summary.set_display_name("report")
+        summary.set_display_name("report").set_retry(**RETRIES)
         summary.set_cpu_request("2").set_memory_request("8Gi").set_memory_limit("8Gi")
         _with_shm(summary, "2Gi")
-        _with_environment(summary, s3_secret)
+        _with_environment(summary)

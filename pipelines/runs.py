@@ -7,7 +7,8 @@
   new version and creates a recurring run on it (one at a time, no catch-up).
 
 Parameters come from ``--params FILE`` (a YAML mapping) and ``--param NAME=VALUE`` (a YAML
-value, so ``epochs=2`` is a number and ``compare_runs=[a, b]`` a list), the latter winning.
+value, so ``pretrain_epochs=2`` is a number and ``report_compare_runs=[a, b]`` a list), the
+latter winning.
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ def _stable_header(text: str) -> str:
     """Sorts the dict keys in the YAML's header comment, so a compile is reproducible.
 
     KFP renders parameter defaults there in protobuf map order, which changes from process to
-    process for a dict inside a list (``gpu_tolerations``); the committed file must not.
+    process for a dict inside a list (``cluster_gpu_tolerations``); the committed file must not.
     """
 
     def canonical(value: Any) -> Any:
@@ -128,7 +129,7 @@ def load_params(params_file: str | None, assignments: list[str]) -> dict[str, An
 def run_local(params: dict[str, Any], pipeline_root: str) -> None:
     """Runs the pipeline here through kfp.local, every step a subprocess of this Python.
 
-    Pretraining uses torchrun on this machine (``launch_backend=local``) unless ``params``
+    Pretraining uses torchrun on this machine (``cluster_launch_backend=local``) unless ``params``
     says otherwise. Raises ``RuntimeError`` naming the failed step when one fails.
     """
     from kfp import local
@@ -139,7 +140,7 @@ def run_local(params: dict[str, Any], pipeline_root: str) -> None:
         # has the image's package, and pods' resources and node selectors mean nothing here.
         warnings.filterwarnings("ignore", "You may be attemping to run a task that uses custom")
         warnings.filterwarnings("ignore", "Task .* have no effect in the current local runner")
-        _pipeline()(**{"launch_backend": "local", **params})
+        _pipeline()(**{"cluster_launch_backend": "local", **params})
     logger.info("pipeline finished; KFP's step outputs are under %s", pipeline_root)
 
 

@@ -1,8 +1,10 @@
 """A fake Kubernetes API server on loopback: just the endpoints ``ladder_siam.kube.launch`` calls.
 
-Real HTTP and the real ``kubernetes`` client; the server plays a scripted PyTorchJob: it turns
-``Succeeded`` or ``Failed`` after a number of status polls (or never), and its master pod's log
-grows by one line per poll.
+Real HTTP and the real ``kubernetes`` client; the server plays a scripted training job (a
+PyTorchJob or a TrainJob): its pods wait ``pending_polls`` status polls for a node (Pending,
+unschedulable, with a ``FailedScheduling`` Event) and then run; the job turns ``Succeeded``
+(``Complete`` for a TrainJob) or ``Failed`` after ``after_polls`` polls, or never; and its
+rank-0 pod's log grows by one line per poll.
 """
 
 from __future__ import annotations
@@ -19,9 +21,14 @@ from urllib.parse import parse_qs, urlparse
 
 from kubernetes import client
 
-JOBS = re.compile(r"/apis/kubeflow\.org/v1/namespaces/([^/]+)/pytorchjobs(?:/([^/]+))?")
+JOBS = re.compile(
+    r"/apis/(kubeflow\.org/v1|trainer\.kubeflow\.org/v1alpha1)/namespaces/([^/]+)/"
+    r"(pytorchjobs|trainjobs)(?:/([^/]+))?"
+)
 PODS = re.compile(r"/api/v1/namespaces/([^/]+)/pods")
 POD_LOG = re.compile(r"/api/v1/namespaces/([^/]+)/pods/([^/]+)/log")
+EVENTS = re.compile(r"/api/v1/namespaces/([^/]+)/events")
+UNSCHEDULABLE = "0/12 nodes are available: 12 Insufficient nvidia.com/gpu."
 
 
 @dataclass
@@ -33,6 +40,8 @@ class Script:
     reason: str = ""
     message: str = ""
     log_lines: list[str] = field(default_factory=list)
+    # Polls before the pods are scheduled; None: never (the cluster has no free GPUs).
+    pending_polls: int | None = 0
 
 
 @dataclass
@@ -47,15 +56,38 @@ class FakeCluster:
     polls: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def status(self) -> dict[str, Any]:
-        conditions = [{"type": "Created", "status": "True"}, {"type": "Running", "status": "True"}]
-        if self.script.outcome and self.polls > self.script.after_polls:
-            conditions[-1]["status"] = "False"
+    def status(self, kind: str) -> dict[str, Any]:
+        conditions = [{"type": "Created", "status": "True"}]
+        if kind == "PyTorchJob" and self.scheduled():
+            conditions.append({"type": "Running", "status": "True"})
+        outcome = self.script.outcome
+        if outcome and self.scheduled() and self.polls > self.script.after_polls:
+            if kind == "TrainJob" and outcome == "Succeeded":
+                outcome = "Complete"
             conditions.append(
-                {"type": self.script.outcome, "status": "True", "reason": self.script.reason,
+                {"type": outcome, "status": "True", "reason": self.script.reason,
                  "message": self.script.message}
             )  # fmt: skip
         return {"conditions": conditions}
+
+    def scheduled(self) -> bool:
+        pending = self.script.pending_polls
+        return pending is not None and self.polls > pending
+
+    def pods(self) -> list[dict[str, Any]]:
+        """Every pod of every job, labelled as its operator labels them."""
+        pods = []
+        for name, job in self.jobs.items():
+            pods += [_pod(name, labels, self.scheduled()) for labels in _pod_labels(name, job)]
+        return pods
+
+    def events(self, involved: str) -> list[dict[str, Any]]:
+        if self.scheduled() or not any(p["metadata"]["name"] == involved for p in self.pods()):
+            return []
+        return [
+            {"metadata": {"name": f"{involved}.1"}, "type": "Warning", "reason": "FailedScheduling",
+             "message": UNSCHEDULABLE, "involvedObject": {"name": involved}}
+        ]  # fmt: skip
 
     def log(self, query: dict[str, list[str]]) -> str:
         lines = self.script.log_lines[: self.polls]
@@ -69,6 +101,43 @@ class FakeCluster:
         if "tailLines" in query:
             stamped = stamped[-int(query["tailLines"][0]) :]
         return "".join(line + "\n" for line in stamped)
+
+
+def _pod_labels(name: str, job: dict[str, Any]) -> list[dict[str, str]]:
+    if job["kind"] == "TrainJob":
+        return [
+            {
+                "jobset.sigs.k8s.io/jobset-name": name,
+                "batch.kubernetes.io/job-completion-index": str(i),
+            }
+            for i in range(job["spec"]["trainer"]["numNodes"])
+        ]
+    return [
+        {"training.kubeflow.org/job-name": name,
+         "training.kubeflow.org/replica-type": replica.lower(),
+         "training.kubeflow.org/replica-index": str(i)}
+        for replica, spec in job["spec"]["pytorchReplicaSpecs"].items()
+        for i in range(spec["replicas"])
+    ]  # fmt: skip
+
+
+def _pod(job: str, labels: dict[str, str], scheduled: bool) -> dict[str, Any]:
+    index = labels.get("batch.kubernetes.io/job-completion-index")
+    replica = labels.get("training.kubeflow.org/replica-type", "node")
+    name = f"{job}-{replica}-{index or labels.get('training.kubeflow.org/replica-index')}"
+    status: dict[str, Any] = {"phase": "Running"}
+    if not scheduled:
+        status = {
+            "phase": "Pending",
+            "conditions": [{"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                            "message": UNSCHEDULABLE}],
+        }  # fmt: skip
+    return {"metadata": {"name": name, "labels": labels}, "status": status}
+
+
+def _matches(labels: dict[str, str], selector: str) -> bool:
+    terms = dict(term.split("=", 1) for term in selector.split(",") if term)
+    return all(labels.get(key) == value for key, value in terms.items())
 
 
 def _handler(cluster: FakeCluster) -> type[BaseHTTPRequestHandler]:
@@ -88,24 +157,35 @@ def _handler(cluster: FakeCluster) -> type[BaseHTTPRequestHandler]:
             self._reply(404, {"kind": "Status", "status": "Failure", "reason": "NotFound",
                               "message": f"{what} not found", "code": 404})  # fmt: skip
 
+        def _list(self, kind: str, items: list[dict[str, Any]]) -> None:
+            self._reply(200, {"kind": kind, "apiVersion": "v1", "metadata": {}, "items": items})
+
         def _route(self, method: str) -> None:
             url = urlparse(self.path)
             query = parse_qs(url.query)
             with cluster.lock:
                 cluster.requests.append(f"{method} {url.path}?{url.query}".rstrip("?"))
                 if match := JOBS.fullmatch(url.path):
-                    self._jobs(method, match.group(1), match.group(2))
+                    self._jobs(method, match.group(2), match.group(4))
                 elif (match := POD_LOG.fullmatch(url.path)) and method == "GET":
                     self._reply(200, cluster.log(query), "text/plain")
                 elif (match := PODS.fullmatch(url.path)) and method == "GET":
-                    self._pods(query.get("labelSelector", [""])[0])
+                    selector = query.get("labelSelector", [""])[0]
+                    pods = [
+                        p for p in cluster.pods() if _matches(p["metadata"]["labels"], selector)
+                    ]
+                    self._list("PodList", pods)
+                elif (match := EVENTS.fullmatch(url.path)) and method == "GET":
+                    field_selector = query.get("fieldSelector", [""])[0]
+                    involved = field_selector.removeprefix("involvedObject.name=")
+                    self._list("EventList", cluster.events(involved))
                 else:
                     self._not_found(url.path)
 
         def _jobs(self, method: str, namespace: str, name: str | None) -> None:
             if method == "POST" and name is None:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                assert body["kind"] == "PyTorchJob" and body["metadata"]["namespace"] == namespace
+                assert body["metadata"]["namespace"] == namespace
                 if body["metadata"]["name"] in cluster.jobs:
                     status = {"kind": "Status", "reason": "AlreadyExists", "code": 409}
                     self._reply(409, status)
@@ -114,27 +194,15 @@ def _handler(cluster: FakeCluster) -> type[BaseHTTPRequestHandler]:
                 cluster.created += 1
                 self._reply(201, body)
             elif name not in cluster.jobs:
-                self._not_found(f"pytorchjobs {name}")
+                self._not_found(f"job {name}")
             elif method == "GET":
                 cluster.polls += 1
-                self._reply(200, {**cluster.jobs[name], "status": cluster.status()})
+                job = cluster.jobs[name]
+                self._reply(200, {**job, "status": cluster.status(job["kind"])})
             elif method == "DELETE":
                 del cluster.jobs[name]
                 cluster.deleted.append(name)
                 self._reply(200, {"kind": "Status", "status": "Success"})
-
-        def _pods(self, selector: str) -> None:
-            labels = dict(term.split("=", 1) for term in selector.split(","))
-            name = labels.get("training.kubeflow.org/job-name")
-            items = []
-            if (
-                name in cluster.jobs
-                and labels.get("training.kubeflow.org/replica-type") == "master"
-            ):
-                items = [{"metadata": {"name": f"{name}-master-0", "labels": labels}}]
-            self._reply(
-                200, {"kind": "PodList", "apiVersion": "v1", "metadata": {}, "items": items}
-            )
 
         def do_GET(self) -> None:
             self._route("GET")

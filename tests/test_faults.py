@@ -199,7 +199,7 @@ def test_bad_user_input_is_one_line_and_exit_2(
 ) -> None:
     preset, params = tmp_path / "preset.yaml", tmp_path / "params.yaml"
     preset.write_text("epochs: two\n")
-    params.write_text("source_uri: [unclosed\n")
+    params.write_text("data_source_uri: [unclosed\n")
     argv = [arg.format(preset=preset, params=params) for arg in argv]
     assert cli(argv) == 2
     assert message in caplog.text

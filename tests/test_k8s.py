@@ -23,6 +23,9 @@ from crd_schemas import crd_errors, crd_schemas
 from prometheus_servers import prometheus_server, query, wait_for_query
 from system_tools import free_port, require_tool
 
+from ladder_siam.kube import pod as hardened
+from ladder_siam.kube.launch_config import SCHEDULERS
+from ladder_siam.kube.trainjob import NODE, RUNTIME_METRICS_PORT, runtime_name
 from ladder_siam.pretrain.config import config_from_args
 from ladder_siam.pretrain.train import get_args_parser
 from ladder_siam.runtime.metrics import TrainingMetrics
@@ -30,7 +33,7 @@ from ladder_siam.runtime.metrics import TrainingMetrics
 REPO = Path(__file__).resolve().parents[1]
 K8S = REPO / "k8s"
 KUBERNETES_VERSION = "1.32"  # kubectl's here; kubernetes-validate ships its schemas
-KUSTOMIZATIONS = ("base", "examples", "overlays/kubeflow-profile")
+KUSTOMIZATIONS = ("base", "examples", "overlays/kubeflow-profile", "trainer")
 PROFILE_NAMESPACE = "kubeflow-user-example-com"
 CREDENTIALS = "s3-credentials.env"
 IMAGE_WORKDIR = "/opt/ladder-siam/"  # where images/ladder-siam/Dockerfile puts configs/
@@ -109,6 +112,42 @@ def test_every_kustomization_renders_objects_of_the_expected_kinds(
     ]
     assert settings[0]["data"]["PUSHGATEWAY_URL"].startswith("http://")
     assert sorted(obj["kind"] for obj in rendered["overlays/kubeflow-profile"]) == base_kinds
+    # One Trainer v2 runtime per scheduler, named as the launcher's TrainJobs refer to them.
+    runtimes = {obj["metadata"]["name"] for obj in find(rendered["trainer"], "TrainingRuntime")}
+    assert runtimes == {runtime_name(scheduler) for scheduler in SCHEDULERS}
+    assert len(rendered["trainer"]) == len(runtimes)
+
+
+def runtime_pod(runtime: dict[str, Any]) -> dict[str, Any]:
+    [job] = runtime["spec"]["template"]["spec"]["replicatedJobs"]
+    assert job["name"] == NODE
+    return job["template"]["spec"]["template"]
+
+
+def test_the_trainer_runtimes_harden_their_pods_as_the_pytorchjob_does(
+    rendered: dict[str, list[dict[str, Any]]],
+) -> None:
+    for runtime in find(rendered["trainer"], "TrainingRuntime"):
+        name, template = runtime["metadata"]["name"], runtime_pod(runtime)
+        pod = template["spec"]
+        assert template["metadata"]["annotations"] == hardened.POD_ANNOTATIONS, name
+        assert pod["automountServiceAccountToken"] is False
+        assert pod["securityContext"] == hardened.pod_security(1000), name
+        assert pod["volumes"] == hardened.volumes("32Gi", "100Gi"), name
+        [container] = pod["containers"]
+        assert container["name"] == NODE
+        assert container["securityContext"] == hardened.container_security(1000), name
+        assert container["volumeMounts"] == hardened.VOLUME_MOUNTS, name
+        assert container["ports"] == [
+            {"name": "metrics", "containerPort": RUNTIME_METRICS_PORT, "protocol": "TCP"}
+        ]
+        kubernetes_validate.validate(
+            {"apiVersion": "v1", "kind": "Pod", **template}, KUBERNETES_VERSION, strict=True
+        )
+        # A gang runtime schedules its pods with its gang scheduler and a PodGroup policy.
+        scheduler = next(s for s in SCHEDULERS if runtime_name(s) == name)
+        assert pod.get("schedulerName") == SCHEDULERS[scheduler], name
+        assert ("podGroupPolicy" in runtime["spec"]) == (scheduler != "default"), name
 
 
 def test_every_object_validates_against_its_schema(
@@ -215,7 +254,12 @@ def test_the_launcher_role_grants_only_what_the_launcher_needs(
         for verb in rule["verbs"]
     }
     jobs = {
-        ("kubeflow.org", "pytorchjobs", v) for v in ("create", "get", "list", "watch", "delete")
+        (group, plural, v)
+        for group, plural in (
+            ("kubeflow.org", "pytorchjobs"),
+            ("trainer.kubeflow.org", "trainjobs"),
+        )
+        for v in ("create", "get", "list", "watch", "delete")
     }
     reads = {("", r, v) for r in ("pods", "pods/log", "events") for v in ("get", "list", "watch")}
     assert grants == jobs | reads

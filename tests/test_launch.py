@@ -21,7 +21,8 @@ from crd_schemas import crd_errors
 from fake_kubernetes import Script, fake_kubernetes
 
 from ladder_siam.kube.launch import JobCancelledError, JobFailedError, Launcher, run, run_local
-from ladder_siam.kube.pytorchjob import LaunchConfig, build_pytorchjob
+from ladder_siam.kube.launch_config import LaunchConfig
+from ladder_siam.kube.pytorchjob import build_pytorchjob
 from ladder_siam.nets.backbones import torchvision_resnet
 from ladder_siam.prep.demo_data import make_demo_data
 from ladder_siam.prep.prepare_shards import prepare_shards
@@ -98,12 +99,13 @@ def test_four_node_job_matches_the_crd_schema(monkeypatch: pytest.MonkeyPatch) -
         assert not container["image"].endswith(":latest")
         assert container["resources"]["limits"]["nvidia.com/gpu"] == "8"
         command = container["command"]
-        assert command[:8] == [
-            "torchrun", "--nnodes", "4", "--nproc-per-node", "8", "-m", "ladder_siam.pretrain",
-            "--config-json",
+        # A dead worker restarts the node's workers from the newest checkpoint, 3 times at most.
+        assert command[:10] == [
+            "torchrun", "--nnodes", "4", "--nproc-per-node", "8", "--max-restarts", "3",
+            "-m", "ladder_siam.pretrain", "--config-json",
         ]  # fmt: skip
         # The pods get the resolved config as typed data, which the trainer reads back whole.
-        [config_json] = command[8:]
+        [config_json] = command[10:]
         assert config_from_args(get_args_parser().parse_args(["--config-json", config_json])) == (
             PAPER
         )
@@ -189,6 +191,11 @@ def test_single_node_job_has_no_workers_and_digest_images_are_pinned() -> None:
         ({"queue_name": "Team A"}, "queue_name 'Team A'"),
         ({"pretrain": dataclasses.replace(PAPER, metrics_port=70000)}, "metrics_port 70000"),
         ({"pretrain": dataclasses.replace(PAPER, method="GG?G")}, "method 'GG?G'"),
+        ({"backend": "slurm"}, "backend 'slurm': one of pytorchjob, trainjob"),
+        ({"service_account": "Trainer SA"}, "service_account 'Trainer SA'"),
+        ({"owner": "run 7"}, "owner 'run 7'"),
+        ({"max_restarts": -1}, "max_restarts -1"),
+        ({"pending_timeout_minutes": -5}, "pending_timeout_minutes -5"),
     ],
 )
 def test_invalid_settings_are_named(overrides: dict[str, object], message: str) -> None:
@@ -197,7 +204,7 @@ def test_invalid_settings_are_named(overrides: dict[str, object], message: str) 
 
 
 def master_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
-    return [r.getMessage() for r in caplog.records if " master] " in r.getMessage()]
+    return [r.getMessage() for r in caplog.records if " rank 0] " in r.getMessage()]
 
 
 def test_wait_returns_on_success_and_streams_each_log_line_once(
@@ -211,7 +218,7 @@ def test_wait_returns_on_success_and_streams_each_log_line_once(
         launcher.wait(name, timeout_s=10, poll_s=0.01)
     assert name == "ladder-byol-r50-200ep" and name in cluster.jobs
     assert cluster.polls == 5
-    assert master_lines(caplog) == [f"[{name} master] {line}" for line in lines[:5]]
+    assert master_lines(caplog) == [f"[{name} rank 0] {line}" for line in lines[:5]]
     selector = "labelSelector=training.kubeflow.org%2Fjob-name%3Dladder-byol-r50-200ep%2C"
     assert any(selector in request for request in cluster.requests)
     assert cluster.deleted == []

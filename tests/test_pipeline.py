@@ -18,10 +18,11 @@ from kfp.pipeline_spec import pipeline_spec_pb2
 from ladder_siam import cli
 from ladder_siam.components import IMAGE
 from ladder_siam.io import storage
+from ladder_siam.io.s3 import CREDENTIAL_VARIABLES
 from ladder_siam.kube.inputs import PipelineInputs, plan_run, pretrain_config, run_name
 from ladder_siam.kube.pytorchjob import build_pytorchjob
 from ladder_siam.kube.steps import launch_config_from_json
-from ladder_siam.pipelines.ladder_siam import S3_SECRET_KEYS, SETTINGS_CONFIG_MAP
+from ladder_siam.pipelines.ladder_siam import SETTINGS_CONFIG_MAP, STEPS_S3_SECRET
 from ladder_siam.pipelines.runs import COMPILED, run_local
 from ladder_siam.prep.demo_data import make_demo_data
 from ladder_siam.pretrain.config import config_from_args
@@ -132,33 +133,65 @@ def test_every_step_gets_credentials_and_settings_and_gpu_steps_their_nodes(
 ) -> None:
     spec, platform = compiled
     kustomized = (REPO / "k8s" / "base" / "kustomization.yaml").read_text()
-    secret_default = spec["root"]["inputDefinitions"]["parameters"]["s3_secret"]["defaultValue"]
     # The names the pipeline uses are the ones k8s/base creates.
-    assert f"name: {secret_default}" in kustomized
+    assert f"name: {STEPS_S3_SECRET}" in kustomized
     assert f"name: {SETTINGS_CONFIG_MAP}" in kustomized
     assert set(platform) == set(spec["deploymentSpec"]["executors"])
     for name, config in platform.items():
+        # Optional: with cloud identities there is no Secret, and the steps still start.
         [secret] = config["secretAsEnv"]
-        assert secret["secretNameParameter"] == {
-            "componentInputParameter": "pipelinechannel--s3_secret"
-        } or (
-            name == "exec-record-status"
-            and secret["secretNameParameter"] == {"componentInputParameter": "s3_secret"}
-        )
-        assert {entry["envVar"] for entry in secret["keyToEnv"]} == set(S3_SECRET_KEYS)
+        assert secret["secretName"] == STEPS_S3_SECRET and secret["optional"], name
+        assert {entry["envVar"] for entry in secret["keyToEnv"]} == set(CREDENTIAL_VARIABLES)
         [settings] = config["configMapAsEnv"]
         assert settings["configMapName"] == SETTINGS_CONFIG_MAP and settings["optional"]
+        [namespace] = config["fieldPathAsEnv"]
+        assert namespace == {"name": "POD_NAMESPACE", "fieldPath": "metadata.namespace"}
         if name.removeprefix("exec-") in GPU_STEPS:
             assert config["nodeSelector"]["nodeSelectorJson"] == {
-                "componentInputParameter": "pipelinechannel--gpu_node_selector"
+                "componentInputParameter": "pipelinechannel--cluster_gpu_node_selector"
             }
             assert config["tolerations"] == [
-                {"tolerationJson": {"componentInputParameter": "pipelinechannel--gpu_tolerations"}}
+                {
+                    "tolerationJson": {
+                        "componentInputParameter": "pipelinechannel--cluster_gpu_tolerations"
+                    }
+                }
             ]
             [shm] = config["emptyDirMounts"]
             assert (shm["mountPath"], shm["medium"]) == ("/dev/shm", "Memory")
         else:
             assert "nodeSelector" not in config and "tolerations" not in config, name
+
+
+def test_steps_whose_rerun_is_harmless_are_retried_with_backoff(
+    compiled: tuple[dict[str, Any], dict[str, Any]],
+) -> None:
+    spec, _ = compiled
+    retried = {
+        component(task)
+        for task in tasks(spec).values()
+        if task.get("retryPolicy", {}).get("maxRetryCount", 0) >= 1
+    }
+    assert retried == {
+        "prepare-shards", "pretrain", "linear-probe", "finetune-detection",
+        "finetune-segmentation", "report",
+    }  # fmt: skip
+    policy = tasks(spec)["pretrain"]["retryPolicy"]
+    assert policy["backoffDuration"] == "60s" and policy["backoffFactor"] == 2.0
+    # The launcher learns its KFP run's id, which labels the job it adopts on a retry.
+    run_id = tasks(spec)["pretrain"]["inputs"]["parameters"]["kfp_run_id"]
+    assert run_id == {"runtimeValue": {"constant": "{{$.pipeline_job_uuid}}"}}
+
+
+def test_the_run_form_lists_the_parameters_by_group(
+    compiled: tuple[dict[str, Any], dict[str, Any]],
+) -> None:
+    spec, _ = compiled
+    names = list(spec["root"]["inputDefinitions"]["parameters"])
+    groups = ("data_", "pretrain_", "eval_", "cluster_", "report_")
+    assert all(name.startswith(groups) for name in names), names
+    # KFP's form is alphabetical: each group's parameters sit together.
+    assert names == sorted(names)
 
 
 def test_parameters_have_defaults_that_make_sense_in_the_ui(
@@ -169,12 +202,21 @@ def test_parameters_have_defaults_that_make_sense_in_the_ui(
         name: parameter.get("defaultValue")
         for name, parameter in spec["root"]["inputDefinitions"]["parameters"].items()
     }
-    assert defaults["method"] == "ladder-byol" and defaults["arch"] == "resnet50"
-    assert (defaults["nodes"], defaults["gpus_per_node"], defaults["batch_size"]) == (4, 8, 4096)
-    assert defaults["launch_backend"] == "kubernetes" and defaults["image"] == IMAGE
+    assert defaults["pretrain_method"] == "ladder-byol" and defaults["pretrain_arch"] == "resnet50"
+    assert (
+        defaults["pretrain_nodes"],
+        defaults["pretrain_gpus_per_node"],
+        defaults["pretrain_batch_size"],
+    ) == (4, 8, 4096)
+    assert defaults["cluster_launch_backend"] == "pytorchjob" and defaults["cluster_image"] == IMAGE
     assert (REPO / defaults["pretrain_config"]).is_file()
-    assert "A100" in next(iter(defaults["gpu_node_selector"].values()))
-    for uri in ("source_uri", "detection_source_uri", "segmentation_source_uri", "output_uri"):
+    assert "A100" in next(iter(defaults["cluster_gpu_node_selector"].values()))
+    for uri in (
+        "data_source_uri",
+        "data_detection_uri",
+        "data_segmentation_uri",
+        "data_output_uri",
+    ):
         assert defaults[uri].startswith("s3://"), uri
     # Every parameter is explained where the UI and `--help` readers look: the docstring.
     docstring = (REPO / "pipelines" / "ladder_siam.py").read_text()
@@ -214,14 +256,14 @@ def sources(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def inputs(sources: Path, output: Path, **overrides: Any) -> PipelineInputs:
     settings: dict[str, Any] = {
-        "source_uri": str(sources / "imagefolder"),
-        "detection_source_uri": str(sources / "coco"),
-        "segmentation_source_uri": str(sources / "voc"),
-        "output_uri": str(output),
-        "namespace": "ml-research",
+        "data_source_uri": str(sources / "imagefolder"),
+        "data_detection_uri": str(sources / "coco"),
+        "data_segmentation_uri": str(sources / "voc"),
+        "data_output_uri": str(output),
+        "cluster_namespace": "ml-research",
         "pretrain_config": str(REPO / "configs" / "ladder-byol_r50_in1k_200ep.yaml"),
-        "gpu_node_selector": {"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB"},
-        "gpu_tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists"}],
+        "cluster_gpu_node_selector": {"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB"},
+        "cluster_gpu_tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists"}],
     }
     settings.update(overrides)
     return PipelineInputs(**settings)
@@ -230,7 +272,9 @@ def inputs(sources: Path, output: Path, **overrides: Any) -> PipelineInputs:
 def test_the_pretrain_step_launches_four_nodes_of_eight_gpus_that_match_the_crd(
     sources: Path, tmp_path: Path
 ) -> None:
-    settings = inputs(sources, tmp_path, run_name="R50 Ladder_200ep", sync_bn_scope="node")
+    settings = inputs(
+        sources, tmp_path, pretrain_run_name="R50 Ladder_200ep", pretrain_sync_bn_scope="node"
+    )
     plan = plan_run(settings, "ignored")
     assert plan.run_name == "r50-ladder-200ep"
     launch = launch_config_from_json(plan.launch)
@@ -276,29 +320,36 @@ def test_every_bad_parameter_is_reported_at_once_before_any_work(
     bad = inputs(
         sources,
         tmp_path,
-        source_uri="http://example.com/imagenet",
-        method="simclr",
-        probe_preset="huge",
-        nodes=0,
-        compare_runs=[str(tmp_path / "no-such-run")],
+        data_source_uri="http://example.com/imagenet",
+        pretrain_method="simclr",
+        eval_probe_preset="huge",
+        pretrain_nodes=0,
+        report_compare_runs=[str(tmp_path / "no-such-run")],
     )
     with pytest.raises(ValueError) as error:
         plan_run(bad, "job")
     message = str(error.value)
-    for expected in ("source_uri 'http://", "probe_preset 'huge'", "nodes 0", "no-such-run"):
+    for expected in (
+        "data_source_uri 'http://",
+        "eval_probe_preset 'huge'",
+        "pretrain_nodes 0",
+        "no-such-run",
+    ):
         assert expected in message
     assert not (tmp_path / "datasets").exists()
 
     # Settings that only clash together (4096 does not divide over 3 x 8 GPUs), reported
     # together with the launcher's own check of the image.
     with pytest.raises(ValueError) as error:
-        plan_run(inputs(sources, tmp_path, nodes=3, image="ladder-siam:latest"), "job")
+        plan_run(
+            inputs(sources, tmp_path, pretrain_nodes=3, cluster_image="ladder-siam:latest"), "job"
+        )
     assert "--batch-size 4096: must be divisible by world size 24" in str(error.value)
     assert "image 'ladder-siam:latest': pin a tag" in str(error.value)
     with pytest.raises(ValueError, match="method 'simclr'"):
-        plan_run(inputs(sources, tmp_path, method="simclr"), "job")
+        plan_run(inputs(sources, tmp_path, pretrain_method="simclr"), "job")
     with pytest.raises(ValueError, match="--sync-bn-scope 'rack': expected all or node"):
-        plan_run(inputs(sources, tmp_path, sync_bn_scope="rack"), "job")
+        plan_run(inputs(sources, tmp_path, pretrain_sync_bn_scope="rack"), "job")
 
 
 def test_the_fingerprint_follows_the_source_listing(sources: Path, tmp_path: Path) -> None:
@@ -330,20 +381,20 @@ def test_a_run_is_named_after_the_kfp_run_unless_named() -> None:
 @pytest.fixture(scope="module")
 def demo_params(sources: Path) -> Iterator[dict[str, Any]]:
     yield {
-        "source_uri": str(sources / "imagefolder"),
-        "detection_source_uri": str(sources / "coco"),
-        "segmentation_source_uri": str(sources / "voc"),
+        "data_source_uri": str(sources / "imagefolder"),
+        "data_detection_uri": str(sources / "coco"),
+        "data_segmentation_uri": str(sources / "voc"),
         "pretrain_config": str(REPO / "configs" / "tiny_cpu.yaml"),
-        "arch": "resnet18",
-        "epochs": 1,
-        "batch_size": 8,
-        "nodes": 1,
-        "gpus_per_node": 1,
-        "probe_preset": "tiny",
-        "detection_preset": "tiny",
-        "segmentation_preset": "tiny",
-        "shard_size": 10,
-        "prepare_workers": 1,
+        "pretrain_arch": "resnet18",
+        "pretrain_epochs": 1,
+        "pretrain_batch_size": 8,
+        "pretrain_nodes": 1,
+        "pretrain_gpus_per_node": 1,
+        "eval_probe_preset": "tiny",
+        "eval_detection_preset": "tiny",
+        "eval_segmentation_preset": "tiny",
+        "data_shard_size": 10,
+        "data_prepare_workers": 1,
     }
 
 
@@ -355,7 +406,10 @@ def status_of(output: Path, run: str) -> dict[str, Any]:
 @pytest.mark.integration
 def test_the_whole_pipeline_runs_locally(demo_params: dict[str, Any], tmp_path: Path) -> None:
     output = tmp_path / "out"
-    run_local({**demo_params, "output_uri": str(output), "run_name": "tiny"}, str(tmp_path / "kfp"))
+    run_local(
+        {**demo_params, "data_output_uri": str(output), "pretrain_run_name": "tiny"},
+        str(tmp_path / "kfp"),
+    )
 
     run = output / "runs" / "tiny"
     assert storage.exists(str(run / "backbone.pt"))
@@ -373,7 +427,7 @@ def test_the_whole_pipeline_runs_locally(demo_params: dict[str, Any], tmp_path: 
     assert 0 <= probe_metrics["probe_top1_res5"] <= 100
     confusion = probe["artifacts"]["classification"]["artifacts"][0]["metadata"]["confusionMatrix"]
     assert [category["displayName"] for category in confusion["annotationSpecs"]] == sorted(
-        path.name for path in (Path(demo_params["source_uri"]) / "train").iterdir()
+        path.name for path in (Path(demo_params["data_source_uri"]) / "train").iterdir()
     )
     pretrain = json.loads((kfp_run / "pretrain" / "executor_output.json").read_text())
     model = pretrain["artifacts"]["model"]["artifacts"][0]["metadata"]
@@ -385,7 +439,12 @@ def test_a_bad_parameter_fails_the_run_before_any_step_and_is_recorded(
     demo_params: dict[str, Any], tmp_path: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
     output = tmp_path / "out"
-    params = {**demo_params, "output_uri": str(output), "run_name": "bad", "method": "simclr"}
+    params = {
+        **demo_params,
+        "data_output_uri": str(output),
+        "pretrain_run_name": "bad",
+        "pretrain_method": "simclr",
+    }
     with pytest.raises(RuntimeError, match="check-inputs"):
         run_local(params, str(tmp_path / "kfp"))
     status = status_of(output, "bad")

@@ -46,8 +46,8 @@ def committed_docs() -> list[dict]:
 def test_submit_starts_one_run_of_the_compiled_pipeline(kfp_server: tuple[FakeKfp, str]) -> None:
     state, url = kfp_server
     code = cli.main(
-        ["pipeline", "submit", "--host", url, "--param", "epochs=3",
-         "--param", "source_uri=s3://b/imagenet", "--run-name", "r1"]
+        ["pipeline", "submit", "--host", url, "--param", "pretrain_epochs=3",
+         "--param", "data_source_uri=s3://b/imagenet", "--run-name", "r1"]
     )  # fmt: skip
     assert code == 0
     [experiment] = state.experiments
@@ -65,7 +65,10 @@ def test_submit_starts_one_run_of_the_compiled_pipeline(kfp_server: tuple[FakeKf
         == pipeline_spec["root"]["inputDefinitions"]
     )
     assert sent["platform_spec"] == platform_spec
-    assert run["runtime_config"]["parameters"] == {"epochs": 3, "source_uri": "s3://b/imagenet"}
+    assert run["runtime_config"]["parameters"] == {
+        "pretrain_epochs": 3,
+        "data_source_uri": "s3://b/imagenet",
+    }
     assert "pipeline_version_reference" not in run
     assert "service_account" not in run
     # A run from a package uploads nothing.
@@ -105,7 +108,7 @@ def test_schedule_uploads_a_version_once_and_creates_recurring_runs(
     kfp_server: tuple[FakeKfp, str], tmp_path: Path
 ) -> None:
     state, url = kfp_server
-    args = ["pipeline", "schedule", "--host", url, "--cron", WEEKLY, "--param", "epochs=3",
+    args = ["pipeline", "schedule", "--host", url, "--cron", WEEKLY, "--param", "pretrain_epochs=3",
             "--service-account", "ladder-siam-launcher"]  # fmt: skip
     assert cli.main(args) == 0
 
@@ -139,7 +142,7 @@ def test_schedule_uploads_a_version_once_and_creates_recurring_runs(
         "pipeline_version_id": version["pipeline_version_id"],
     }
     assert "pipeline_spec" not in recurring
-    assert recurring["runtime_config"]["parameters"] == {"epochs": 3}
+    assert recurring["runtime_config"]["parameters"] == {"pretrain_epochs": 3}
     assert recurring["service_account"] == "ladder-siam-launcher"
     assert recurring["experiment_id"] == experiment["experiment_id"]
 
@@ -178,18 +181,20 @@ def test_an_unknown_parameter_sends_nothing(
 def test_param_overrides_the_params_file(kfp_server: tuple[FakeKfp, str], tmp_path: Path) -> None:
     state, url = kfp_server
     params = tmp_path / "params.yaml"
-    params.write_text("epochs: 5\nsource_uri: s3://file/imagenet\nnodes: 2\n")
+    params.write_text(
+        "pretrain_epochs: 5\ndata_source_uri: s3://file/imagenet\npretrain_nodes: 2\n"
+    )
     code = cli.main(
         ["pipeline", "submit", "--host", url, "--params", str(params),
-         "--param", "epochs=7", "--param", "compare_runs=[a, b]"]
+         "--param", "pretrain_epochs=7", "--param", "report_compare_runs=[a, b]"]
     )  # fmt: skip
     assert code == 0
     [run] = state.runs
     assert run["runtime_config"]["parameters"] == {
-        "epochs": 7,
-        "source_uri": "s3://file/imagenet",
-        "nodes": 2,
-        "compare_runs": ["a", "b"],
+        "pretrain_epochs": 7,
+        "data_source_uri": "s3://file/imagenet",
+        "pretrain_nodes": 2,
+        "report_compare_runs": ["a", "b"],
     }
 
 

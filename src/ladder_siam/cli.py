@@ -48,6 +48,10 @@ COMMANDS = {
         "ladder_siam.pipelines.runs",
         "compile the Kubeflow pipeline, run it locally, submit or schedule it",
     ),
+    "launch": (
+        "ladder_siam.kube.render",
+        "render the PyTorchJob or TrainJob of a run as YAML, for review or GitOps",
+    ),
     "artifacts": ("ladder_siam.artifacts", "list or download a run's outputs"),
 }
 

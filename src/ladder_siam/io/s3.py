@@ -26,6 +26,13 @@ if TYPE_CHECKING:
 # Parts of 64 MiB keep a 1 GiB shard at 16 parts; S3 allows 10,000 parts of at least 5 MiB.
 MULTIPART_THRESHOLD = 64 * 1024 * 1024
 MULTIPART_CHUNKSIZE = 64 * 1024 * 1024
+# The environment variables a credentials Secret provides (k8s/base/s3-credentials.env.example).
+CREDENTIAL_VARIABLES = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_ENDPOINT_URL",
+    "AWS_DEFAULT_REGION",
+)
 
 
 def set_s3_endpoint(url: str | None) -> None:
@@ -62,7 +69,15 @@ def s3_client() -> BaseClient:
             read_timeout=60,
             max_pool_connections=32,
         )
-        client = boto3.session.Session().client("s3", config=config)
+        session = boto3.session.Session()
+        # An empty AWS_DEFAULT_REGION (a blank line in the Secret) would make boto3 call
+        # https://s3..amazonaws.com and fail with an unreadable connection error.
+        if not os.environ.get("AWS_ENDPOINT_URL") and not session.region_name:
+            raise StorageError(
+                "S3: no endpoint and no region configured; set AWS_DEFAULT_REGION for AWS S3, "
+                "or AWS_ENDPOINT_URL (--s3-endpoint) for MinIO, SeaweedFS and the like"
+            )
+        client = session.client("s3", config=config)
         _clients[key] = client
     return client
 

@@ -23,13 +23,14 @@ from typing import Any
 from ladder_siam import IMAGE
 from ladder_siam.io import storage
 from ladder_siam.io.uri import SUPPORTED, scheme_problem
-from ladder_siam.kube.pytorchjob import LaunchConfig
+from ladder_siam.kube.launch_config import BACKENDS as JOB_BACKENDS
+from ladder_siam.kube.launch_config import LaunchConfig
 from ladder_siam.prep.sources import LAYOUTS
 from ladder_siam.pretrain.config import PretrainConfig, make_config
 from ladder_siam.runtime.run_folder import DATASETS, RunFolder
 
-# Where pretraining runs: a PyTorchJob, or torchrun on this machine (kfp.local runs).
-BACKENDS = ("kubernetes", "local")
+# Where pretraining runs: a PyTorchJob, a TrainJob, or torchrun on this machine (kfp.local).
+BACKENDS = (*JOB_BACKENDS, "local")
 _FINGERPRINT_CHARS = 12
 _NAME_CHARS = 40
 _NOT_NAME = re.compile(r"[^a-z0-9-]+")
@@ -51,37 +52,41 @@ class PipelineInputs:
     pipeline, the ``check-inputs`` component and this class agree.
     """
 
-    source_uri: str = "s3://datasets/imagenet-1k"
-    detection_source_uri: str = "s3://datasets/coco-2017"
-    segmentation_source_uri: str = "s3://datasets/voc-2012-aug"
-    output_uri: str = "s3://ladder-siam"
-    source_layout: str = "imagefolder"
-    run_name: str = ""
-    method: str = "ladder-byol"
+    data_source_uri: str = "s3://datasets/imagenet-1k"
+    data_source_layout: str = "imagefolder"
+    data_detection_uri: str = "s3://datasets/coco-2017"
+    data_segmentation_uri: str = "s3://datasets/voc-2012-aug"
+    data_output_uri: str = "s3://ladder-siam"
+    data_shard_size: int = 1000
+    data_max_side: int = 0
+    data_prepare_workers: int = 8
+    pretrain_run_name: str = ""
+    pretrain_method: str = "ladder-byol"
     pretrain_config: str = "configs/ladder-byol_r50_in1k_200ep.yaml"
-    arch: str = "resnet50"
-    epochs: int = 200
-    batch_size: int = 4096
-    nodes: int = 4
-    gpus_per_node: int = 8
-    sync_bn_scope: str = ""
-    image: str = IMAGE
-    namespace: str = ""
-    s3_secret: str = "ladder-siam-s3"
-    queue_name: str = ""
-    scheduler: str = "default"
-    priority_class: str = ""
-    probe_preset: str = "paper"
-    detection_preset: str = "coco-1x"
-    segmentation_preset: str = "voc"
-    compare_runs: list[str] = field(default_factory=list)
-    shard_size: int = 1000
-    max_side: int = 0
-    prepare_workers: int = 8
-    gpu_node_selector: dict[str, str] = field(default_factory=lambda: dict(A100_NODES))
-    gpu_tolerations: list[dict[str, Any]] = field(default_factory=lambda: list(GPU_TOLERATIONS))
+    pretrain_arch: str = "resnet50"
+    pretrain_epochs: int = 200
+    pretrain_batch_size: int = 4096
+    pretrain_nodes: int = 4
+    pretrain_gpus_per_node: int = 8
+    pretrain_sync_bn_scope: str = ""
     pretrain_deadline_hours: float = 168.0
-    launch_backend: str = "kubernetes"
+    eval_probe_preset: str = "paper"
+    eval_detection_preset: str = "coco-1x"
+    eval_segmentation_preset: str = "voc"
+    cluster_launch_backend: str = "pytorchjob"
+    cluster_image: str = IMAGE
+    cluster_namespace: str = ""
+    cluster_s3_secret: str = "ladder-siam-s3"
+    cluster_service_account: str = ""
+    cluster_queue_name: str = ""
+    cluster_scheduler: str = "default"
+    cluster_priority_class: str = ""
+    cluster_pending_timeout_minutes: float = 60.0
+    cluster_gpu_node_selector: dict[str, str] = field(default_factory=lambda: dict(A100_NODES))
+    cluster_gpu_tolerations: list[dict[str, Any]] = field(
+        default_factory=lambda: list(GPU_TOLERATIONS)
+    )
+    report_compare_runs: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -155,29 +160,36 @@ def validate(inputs: PipelineInputs, job_name: str) -> list[str]:
         for name, uri in _uris(inputs)
         if (problem := _uri_problem(uri)) is not None
     ]
-    if inputs.launch_backend not in BACKENDS:
-        problems.append(f"launch_backend {inputs.launch_backend!r}: one of {', '.join(BACKENDS)}")
-    if inputs.pretrain_deadline_hours < 0:
-        problems.append(f"pretrain_deadline_hours {inputs.pretrain_deadline_hours}: 0 or more")
-    if inputs.source_layout not in LAYOUTS:
-        problems.append(f"source_layout {inputs.source_layout!r}: one of {', '.join(LAYOUTS)}")
-    for name in ("shard_size", "prepare_workers", "epochs", "batch_size", "nodes", "gpus_per_node"):
+    if inputs.cluster_launch_backend not in BACKENDS:
+        backend = inputs.cluster_launch_backend
+        problems.append(f"cluster_launch_backend {backend!r}: one of {', '.join(BACKENDS)}")
+    for name in ("pretrain_deadline_hours", "cluster_pending_timeout_minutes"):
+        if getattr(inputs, name) < 0:
+            problems.append(f"{name} {getattr(inputs, name)}: 0 (no limit) or more")
+    if inputs.data_source_layout not in LAYOUTS:
+        problems.append(
+            f"data_source_layout {inputs.data_source_layout!r}: one of {', '.join(LAYOUTS)}"
+        )
+    for name in (
+        "data_shard_size", "data_prepare_workers", "pretrain_epochs", "pretrain_batch_size",
+        "pretrain_nodes", "pretrain_gpus_per_node",
+    ):  # fmt: skip
         if getattr(inputs, name) < 1:
             problems.append(f"{name} {getattr(inputs, name)}: at least 1")
-    if inputs.max_side and inputs.max_side < 16:
-        problems.append(f"max_side {inputs.max_side}: 0 (keep sizes) or at least 16 px")
+    if inputs.data_max_side and inputs.data_max_side < 16:
+        problems.append(f"data_max_side {inputs.data_max_side}: 0 (keep sizes) or at least 16 px")
     if inputs.pretrain_config and not Path(inputs.pretrain_config).is_file():
         problems.append(f"pretrain_config {inputs.pretrain_config!r}: no such preset file")
     problems += _preset_problems(inputs)
-    problems += [f"compare_runs: {uri}: no backbone.json" for uri in _missing_runs(inputs)]
+    problems += [f"report_compare_runs: {uri}: no backbone.json" for uri in _missing_runs(inputs)]
     if problems:
         return problems
     try:
-        name = run_name(inputs.run_name, job_name)
+        name = run_name(inputs.pretrain_run_name, job_name)
     except ValueError as error:
         return [str(error)]
-    out = RunFolder.of(inputs.output_uri, name).uri
-    world_size = inputs.nodes * inputs.gpus_per_node
+    out = RunFolder.of(inputs.data_output_uri, name).uri
+    world_size = inputs.pretrain_nodes * inputs.pretrain_gpus_per_node
     # The trainer's and the launcher's own checks, on the settings they will be given.
     try:
         pretrain = pretrain_config(inputs, "validate://", out)
@@ -199,7 +211,7 @@ def plan_run(inputs: PipelineInputs, job_name: str) -> RunPlan:
 
     Args:
         inputs: The pipeline's parameters.
-        job_name: The KFP run's name, which names the run when ``inputs.run_name`` is empty.
+        job_name: The KFP run's name, which names the run when ``pretrain_run_name`` is empty.
 
     Returns:
         The run's name and folder and, per dataset, its source, fingerprint and shard folder.
@@ -210,20 +222,20 @@ def plan_run(inputs: PipelineInputs, job_name: str) -> RunPlan:
     problems = validate(inputs, job_name)
     if problems:
         raise ValueError("invalid pipeline parameters:\n  " + "\n  ".join(problems))
-    name = run_name(inputs.run_name, job_name)
+    name = run_name(inputs.pretrain_run_name, job_name)
     sources = {
-        "pretrain": (inputs.source_uri, inputs.source_layout),
-        "detection": (inputs.detection_source_uri, "coco"),
-        "segmentation": (inputs.segmentation_source_uri, "voc"),
+        "pretrain": (inputs.data_source_uri, inputs.data_source_layout),
+        "detection": (inputs.data_detection_uri, "coco"),
+        "segmentation": (inputs.data_segmentation_uri, "voc"),
     }
     datasets = {}
     for dataset, (source, layout) in sources.items():
         digest, files, total = fingerprint_source(source)
         fingerprint = digest[:_FINGERPRINT_CHARS]
         folder = _NOT_NAME.sub("-", source.rstrip("/").rsplit("/", 1)[-1].lower()).strip("-")
-        dest = storage.join(inputs.output_uri, DATASETS, f"{folder or dataset}-{fingerprint}")
+        dest = storage.join(inputs.data_output_uri, DATASETS, f"{folder or dataset}-{fingerprint}")
         datasets[dataset] = DatasetPlan(source, layout, dest, fingerprint, files, total)
-    uri = RunFolder.of(inputs.output_uri, name).uri
+    uri = RunFolder.of(inputs.data_output_uri, name).uri
     pretrain = pretrain_config(inputs, datasets["pretrain"].dest, uri)
     launch = launch_config(inputs, name, pretrain)
     # As a JSON string, not a KFP dict parameter: a protobuf Struct cannot hold None (an unset
@@ -233,12 +245,12 @@ def plan_run(inputs: PipelineInputs, job_name: str) -> RunPlan:
 
 def _uris(inputs: PipelineInputs) -> list[tuple[str, str]]:
     named = [
-        ("source_uri", inputs.source_uri),
-        ("detection_source_uri", inputs.detection_source_uri),
-        ("segmentation_source_uri", inputs.segmentation_source_uri),
-        ("output_uri", inputs.output_uri),
+        ("data_source_uri", inputs.data_source_uri),
+        ("data_detection_uri", inputs.data_detection_uri),
+        ("data_segmentation_uri", inputs.data_segmentation_uri),
+        ("data_output_uri", inputs.data_output_uri),
     ]
-    return named + [("compare_runs", uri) for uri in inputs.compare_runs]
+    return named + [("report_compare_runs", uri) for uri in inputs.report_compare_runs]
 
 
 def _uri_problem(uri: str) -> str | None:
@@ -253,9 +265,9 @@ def _preset_problems(inputs: PipelineInputs) -> list[str]:
     from ladder_siam.evals.segmentation import config as segmentation_config
 
     presets = (
-        ("probe_preset", inputs.probe_preset, probe_config.PRESETS),
-        ("detection_preset", inputs.detection_preset, detection_config.PRESETS),
-        ("segmentation_preset", inputs.segmentation_preset, segmentation_config.PRESETS),
+        ("eval_probe_preset", inputs.eval_probe_preset, probe_config.PRESETS),
+        ("eval_detection_preset", inputs.eval_detection_preset, detection_config.PRESETS),
+        ("eval_segmentation_preset", inputs.eval_segmentation_preset, segmentation_config.PRESETS),
     )
     return [
         f"{name} {value!r}: one of {', '.join(known)}"
@@ -267,7 +279,7 @@ def _preset_problems(inputs: PipelineInputs) -> list[str]:
 def _missing_runs(inputs: PipelineInputs) -> list[str]:
     return [
         uri
-        for uri in inputs.compare_runs
+        for uri in inputs.report_compare_runs
         if _uri_problem(uri) is None and not storage.exists(RunFolder(uri).backbone_info)
     ]
 
@@ -279,31 +291,35 @@ def pretrain_config(inputs: PipelineInputs, shards: str, out: str) -> PretrainCo
         ValueError: The preset cannot be read, or holds an unknown or mistyped setting.
     """
     overrides: dict[str, Any] = {
-        "shards": shards, "out": out, "method": inputs.method, "arch": inputs.arch,
-        "epochs": inputs.epochs, "batch_size": inputs.batch_size,
+        "shards": shards, "out": out, "method": inputs.pretrain_method,
+        "arch": inputs.pretrain_arch, "epochs": inputs.pretrain_epochs,
+        "batch_size": inputs.pretrain_batch_size,
     }  # fmt: skip
-    if inputs.sync_bn_scope:  # empty: the preset's
-        overrides["sync_bn_scope"] = inputs.sync_bn_scope
+    if inputs.pretrain_sync_bn_scope:  # empty: the preset's
+        overrides["sync_bn_scope"] = inputs.pretrain_sync_bn_scope
     return make_config(inputs.pretrain_config or None, **overrides)
 
 
 def launch_config(inputs: PipelineInputs, name: str, pretrain: PretrainConfig) -> LaunchConfig:
-    """The PyTorchJob settings of a run; the job is named after the run."""
-    local = inputs.launch_backend == "local"
+    """The job settings of a run; the job is named after the run."""
+    local = inputs.cluster_launch_backend == "local"
     deadline = round(inputs.pretrain_deadline_hours * 3600) or None
     return LaunchConfig(
         name=f"ladder-siam-{name}",
-        namespace="local" if local else pod_namespace(inputs.namespace),
-        image=inputs.image,
+        namespace="local" if local else pod_namespace(inputs.cluster_namespace),
+        image=inputs.cluster_image,
         run_id=name,
         pretrain=pretrain,
-        nodes=inputs.nodes,
-        gpus_per_node=inputs.gpus_per_node,
-        node_selector=dict(inputs.gpu_node_selector),
-        tolerations=tuple(inputs.gpu_tolerations),
-        s3_secret=inputs.s3_secret or None,
-        queue_name=inputs.queue_name or None,
-        scheduler=inputs.scheduler,
-        priority_class=inputs.priority_class or None,
+        backend="pytorchjob" if local else inputs.cluster_launch_backend,
+        nodes=inputs.pretrain_nodes,
+        gpus_per_node=inputs.pretrain_gpus_per_node,
+        node_selector=dict(inputs.cluster_gpu_node_selector),
+        tolerations=tuple(inputs.cluster_gpu_tolerations),
+        s3_secret=inputs.cluster_s3_secret or None,
+        service_account=inputs.cluster_service_account or None,
+        queue_name=inputs.cluster_queue_name or None,
+        scheduler=inputs.cluster_scheduler,
+        priority_class=inputs.cluster_priority_class or None,
         active_deadline_seconds=deadline,
+        pending_timeout_minutes=inputs.cluster_pending_timeout_minutes,
     )

@@ -14,6 +14,7 @@ run comparison shows them side by side.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -21,7 +22,7 @@ from typing import Any, Protocol
 
 from ladder_siam.io import storage
 from ladder_siam.kube.inputs import PipelineInputs, RunPlan, plan_run, run_name
-from ladder_siam.kube.pytorchjob import LaunchConfig
+from ladder_siam.kube.launch_config import LaunchConfig
 from ladder_siam.runtime.metrics import push_job_metrics
 from ladder_siam.runtime.run_folder import RunFolder
 from ladder_siam.runtime.typed_config import config_from_dict
@@ -118,22 +119,24 @@ def pretrain(
     dataset: Artifact,
     launch: str,
     backend: str,
+    kfp_run_id: str,
     model: Artifact,
     metrics: MetricsArtifact,
 ) -> None:
-    """Runs pretraining (a PyTorchJob, or torchrun here) and points ``model`` at the backbone.
+    """Runs pretraining and points ``model`` at the backbone.
 
     Args:
         dataset: The pretraining shards (a dependency; ``launch`` already names them).
         launch: The job's settings from the first step (a ``LaunchConfig`` as JSON).
-        backend: ``kubernetes`` (a PyTorchJob) or ``local`` (torchrun on this machine).
+        backend: ``pytorchjob`` or ``trainjob`` (on the cluster), or ``local`` (torchrun here).
+        kfp_run_id: The KFP run; labels the job, so that a retry adopts only its own run's job.
         model: Output: receives ``backbone.json`` and ``metadata["uri"]`` of ``backbone.pt``.
         metrics: Output: the last logged loss and output spread per level, and images/s.
     """
     from ladder_siam.kube import launch as launcher
     from ladder_siam.runtime.train_log import read_train_log
 
-    config = launch_config_from_json(launch)
+    config = dataclasses.replace(launch_config_from_json(launch), owner=kfp_run_id)
     run = RunFolder(config.pretrain.out)
     logger.info(
         "pretraining on %s -> %s (%s backend)", dataset.metadata.get("uri"), run.uri, backend
