@@ -54,9 +54,17 @@ def setup(timeout_minutes: float = 30.0) -> DistributedEnv:
         device = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
+        timeout = datetime.timedelta(minutes=timeout_minutes)
+        store, _, _ = next(dist.rendezvous("env://", timeout=timeout))
+        # torchrun's store outlives a restart of its workers (--max-restarts): without a
+        # prefix per attempt, restarted ranks would read the dead ranks' addresses.
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         dist.init_process_group(
             backend,
-            timeout=datetime.timedelta(minutes=timeout_minutes),
+            store=dist.PrefixStore(f"attempt-{attempt}/", store),
+            rank=rank,
+            world_size=world_size,
+            timeout=timeout,
             device_id=device if device.type == "cuda" else None,
         )
         logger.info("rank %d of %d joined (%s, %s)", rank, world_size, backend, device)

@@ -140,6 +140,7 @@ def resume(
             f"{out}: cannot resume from step {resumed.step}, the run differs from its "
             f"checkpoint ({'; '.join(differences)}); use a new --out"
         )
+    logger.info("resuming %s from its checkpoint at step %d", out, resumed.step)
     return resumed
 
 
