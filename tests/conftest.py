@@ -10,6 +10,8 @@ import pytest
 from system_tools import free_port, require_tool, wait_for_port
 
 from ladder_siam.io import storage
+from ladder_siam.prep.demo_data import make_demo_data
+from ladder_siam.prep.prepare_shards import prepare_shards
 
 
 @pytest.fixture(scope="session")
@@ -40,3 +42,12 @@ def s3_bucket(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> str:
     name = f"test-{uuid.uuid4().hex[:12]}"
     storage.s3_client().create_bucket(Bucket=name)
     return f"s3://{name}"
+
+
+@pytest.fixture(scope="session")
+def shards(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Labelled demo shards for tiny pretraining runs: 200 images of 40 px."""
+    root = tmp_path_factory.mktemp("pretrain")
+    make_demo_data(str(root / "raw"), images=200, size=40)
+    prepare_shards(str(root / "raw" / "imagefolder"), str(root / "shards"), shard_size=50)
+    return str(root / "shards")

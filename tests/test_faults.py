@@ -169,7 +169,7 @@ def test_an_unreachable_pushgateway_never_fails_a_step(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     gateway = f"http://127.0.0.1:{free_port()}"  # nothing listens there
-    assert push_job_metrics("prepare-shards", {"x": 1.0}, gateway=gateway) is False
+    assert push_job_metrics("prepare-shards", {"x": 1.0}, run="r1", gateway=gateway) is False
     assert "not pushed" in caplog.text
 
 

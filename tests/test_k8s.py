@@ -290,9 +290,14 @@ def test_credentials_come_only_from_the_uncommitted_env_file(
     assert decoded == {key: f"dummy-{key}" for key in decoded}
     assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= decoded.keys()
 
-    # The committed example names the keys and holds no values.
+    # The committed example names the keys and holds no secret value, only a region: without
+    # one, boto3 cannot reach AWS S3.
     example = (K8S / "base" / f"{CREDENTIALS}.example").read_text().splitlines()
-    assert all(line.endswith("=") for line in example if line and not line.startswith("#"))
+    values = dict(line.split("=", 1) for line in example if line and not line.startswith("#"))
+    assert values == {
+        "AWS_ACCESS_KEY_ID": "", "AWS_SECRET_ACCESS_KEY": "", "AWS_ENDPOINT_URL": "",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }  # fmt: skip
     # No committed manifest carries a Secret; git ignores the real env file.
     for path in K8S.rglob("*.yaml"):
         documents = yaml.safe_load_all(path.read_text())

@@ -22,6 +22,7 @@ from system_tools import free_port, require_tool
 
 from ladder_siam import __version__
 from ladder_siam.runtime.metrics import TrainingMetrics, push_job_metrics
+from ladder_siam.runtime.run_folder import run_of
 
 LOSSES = {"res2": 0.5, "res3": 0.75, "res4": 1.25, "res5": 1.5, "total": 4.0}
 OUTPUT_STD = {"res2": 0.125, "res3": 0.25, "res4": 0.0625, "res5": 0.03125}
@@ -197,9 +198,9 @@ def test_gpu_memory_is_recorded_with_cuda(metrics: TrainingMetrics) -> None:
 @pytest.mark.integration
 def test_push_reaches_the_pushgateway(pushgateway: str, metrics: TrainingMetrics) -> None:
     train_a_little(metrics)
-    assert metrics.push("pretrain", gateway=pushgateway, grouping={"stage": "smoke"})
+    assert metrics.push("pretrain", "r1", gateway=pushgateway, grouping={"stage": "smoke"})
     samples = scrape(f"{pushgateway}/metrics")
-    labels = {"job": "pretrain", "stage": "smoke"}
+    labels = {"job": "pretrain", "run": "r1", "stage": "smoke"}
     assert sample_value(samples, "ladder_siam_train_steps_total", **labels) == 5
     assert sample_value(samples, "ladder_siam_train_loss", level="res4", **labels) == 1.25
 
@@ -210,7 +211,7 @@ def test_push_reads_the_gateway_from_the_environment(
 ) -> None:
     monkeypatch.setenv("PUSHGATEWAY_URL", pushgateway)
     metrics.record_step(batch_size=3, duration_s=0.1, data_wait_s=0.0)
-    assert metrics.push("from-environment")
+    assert metrics.push("from-environment", "r1")
     samples = scrape(f"{pushgateway}/metrics")
     assert sample_value(samples, "ladder_siam_train_samples_total", job="from-environment") == 3
 
@@ -220,8 +221,8 @@ def test_push_without_a_gateway_does_nothing(
     pushgateway: str, metrics: TrainingMetrics, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.delenv("PUSHGATEWAY_URL", raising=False)
-    assert not metrics.push("nowhere")
-    assert not push_job_metrics("nowhere", {"shards_written": 1})
+    assert not metrics.push("nowhere", "r1")
+    assert not push_job_metrics("nowhere", {"shards_written": 1}, run="r1")
     samples = scrape(f"{pushgateway}/metrics")
     assert not [sample for sample in samples if sample.labels.get("job") == "nowhere"]
 
@@ -230,16 +231,40 @@ def test_push_without_a_gateway_does_nothing(
 def test_push_job_metrics(pushgateway: str) -> None:
     before = time.time()
     values = {"shards_written": 7, "images_written": 45}
-    assert push_job_metrics("prepare-shards", values, gateway=pushgateway)
+    assert push_job_metrics("prepare-shards", values, run="in1k-0a1b2c", gateway=pushgateway)
     # A second job with a metric of the same name: the Pushgateway holds both groups.
-    assert push_job_metrics("linear-probe", {"images_written": 10}, gateway=pushgateway)
+    assert push_job_metrics("linear-probe", {"images_written": 10}, run="r1", gateway=pushgateway)
     samples = scrape(f"{pushgateway}/metrics")
-    shards = {"job": "prepare-shards"}
+    shards = {"job": "prepare-shards", "run": "in1k-0a1b2c"}
     assert sample_value(samples, "ladder_siam_shards_written", **shards) == 7
     assert sample_value(samples, "ladder_siam_images_written", **shards) == 45
     assert sample_value(samples, "ladder_siam_images_written", job="linear-probe") == 10
     success = sample_value(samples, "ladder_siam_job_last_success_timestamp_seconds", **shards)
     assert before <= success <= time.time()
+
+
+@pytest.mark.integration
+def test_the_results_of_two_tenants_runs_never_overwrite_each_other(
+    pushgateway: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pushed = (("team-a", "r50-ladder", 0.71), ("team-b", "r50-ladder", 0.64), ("team-a", "r1", 0.5))
+    for namespace, run, top1 in pushed:
+        monkeypatch.setenv("POD_NAMESPACE", namespace)  # what the pipeline sets on each step
+        assert push_job_metrics("linear-probe", {"probe_top1_ratio": top1}, run=run,
+                                gateway=pushgateway)  # fmt: skip
+    samples = scrape(f"{pushgateway}/metrics")
+    for namespace, run, top1 in pushed:
+        value = sample_value(samples, "ladder_siam_probe_top1_ratio", namespace=namespace, run=run)
+        assert value == top1, (namespace, run)
+
+
+def test_a_run_is_named_by_its_folder_wherever_a_step_writes_in_it() -> None:
+    assert run_of("s3://bucket/ladder-siam/runs/r50-ladder/eval/linear_probe") == "r50-ladder"
+    assert run_of("s3://bucket/ladder-siam/runs/r50-ladder/report") == "r50-ladder"
+    assert run_of("s3://bucket/ladder-siam/datasets/imagenet-1k-0a1b2c3d4e5f") == (
+        "imagenet-1k-0a1b2c3d4e5f"
+    )
+    assert run_of("/tmp/probe-by-hand/") == "probe-by-hand"
 
 
 def test_instances_do_not_collide() -> None:

@@ -14,8 +14,6 @@ from system_tools import free_port, require_tool
 
 from ladder_siam.cli import main as cli
 from ladder_siam.nets.backbones import torchvision_resnet
-from ladder_siam.prep.demo_data import make_demo_data
-from ladder_siam.prep.prepare_shards import prepare_shards
 from ladder_siam.pretrain import train as pretrain_module
 from ladder_siam.pretrain.config import PretrainConfig
 from ladder_siam.pretrain.model import LadderSiam
@@ -24,14 +22,6 @@ from ladder_siam.runtime.health import NonFiniteLossError
 from ladder_siam.runtime.train_log import read_train_log
 
 TINY = Path(__file__).parents[1] / "configs" / "tiny_cpu.yaml"
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory: pytest.TempPathFactory) -> str:
-    root = tmp_path_factory.mktemp("pretrain")
-    make_demo_data(str(root / "raw"), images=200, size=40)
-    prepare_shards(str(root / "raw" / "imagefolder"), str(root / "shards"), shard_size=50)
-    return str(root / "shards")
 
 
 def tiny(shards: str, out: Path, **overrides: object) -> PretrainConfig:

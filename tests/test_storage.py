@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
 from ladder_siam.io import s3, storage
 from ladder_siam.io.s3 import S3RangeReader
+from ladder_siam.io.uri import StorageError
 
 
 @pytest.fixture(params=["local", "file", "s3"])
@@ -130,3 +132,20 @@ def test_local_files_get_ordinary_permissions(tmp_path) -> None:
     os.umask(umask)
     storage.write_text(str(tmp_path / "report.html"), "<html></html>")
     assert (tmp_path / "report.html").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+@pytest.mark.parametrize("region", ["", None])
+def test_s3_without_an_endpoint_or_a_region_says_which_to_set(
+    region: str | None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As in a pod whose Secret has an empty AWS_DEFAULT_REGION line, and no AWS config file.
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    monkeypatch.delenv("AWS_REGION", raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
+    if region is None:
+        monkeypatch.delenv("AWS_DEFAULT_REGION", raising=False)
+    else:
+        monkeypatch.setenv("AWS_DEFAULT_REGION", region)
+    monkeypatch.setattr(s3, "_clients", {})  # a client is configured when first made
+    with pytest.raises(StorageError, match=r"no endpoint and no region.*AWS_DEFAULT_REGION"):
+        storage.exists("s3://bucket/key")

@@ -248,7 +248,9 @@ def record_status(
         RunFolder.of(output_uri, name).pipeline_status, json.dumps(status, indent=2) + "\n"
     )
     succeeded = state == "SUCCEEDED"
-    push_job_metrics("pipeline", {"pipeline_succeeded": float(succeeded)}, success=succeeded)
+    push_job_metrics(
+        "pipeline", {"pipeline_succeeded": float(succeeded)}, run=name, success=succeeded
+    )
     log = logger.info if succeeded else logger.error
     log("pipeline run %s ended %s%s", name, state, f": {error}" if error else "")
     return status

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from ladder_siam.data.manifest import ShardEntry, SkippedInput
 from ladder_siam.runtime.metrics import push_job_metrics
+from ladder_siam.runtime.run_folder import run_of
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +77,7 @@ def log_failure(error: OSError, complete: int, total: int) -> None:
 
 
 def push_metrics(
+    dest: str,
     layout: str,
     outcomes: Mapping[str, SplitOutcome],
     shards_written: Mapping[str, int],
@@ -83,8 +85,9 @@ def push_metrics(
 ) -> None:
     """Pushes each split's counts to the Pushgateway when ``$PUSHGATEWAY_URL`` is set.
 
-    One group per layout and split: both take a handful of values, where a dataset URI
-    would make a new series per dataset. The duration is the whole step's, in every group.
+    One group per dataset, layout and split; the dataset (its shards folder, which names
+    the source and its fingerprint) stands for the run, as several runs share it. The
+    duration is the whole step's, in every group.
     """
     for split, outcome in sorted(outcomes.items()):
         push_job_metrics(
@@ -97,5 +100,6 @@ def push_metrics(
                 "samples_skipped": len(outcome.skipped),
                 "prepare_duration_seconds": duration_s,
             },
+            run=run_of(dest),
             grouping={"layout": layout, "split": split},
         )

@@ -187,7 +187,7 @@ def prepare_shards(
     manifest = _commit(dest, source, listing, outcomes, seed, max_side)
     accounting.log_summary(outcomes, written_rate)
     written = Counter(task.split for task in pending)
-    accounting.push_metrics(layout, outcomes, written, time.monotonic() - started)
+    accounting.push_metrics(dest, layout, outcomes, written, time.monotonic() - started)
     return manifest
 
 

@@ -205,9 +205,9 @@ def train_one_epoch(
         # The loader yields whole batches only, so every step is one global batch.
         images += config.batch_size
         data_wait += waited
-        trainer.metrics.record_step(
-            config.batch_size, time.perf_counter() - step_start + waited, waited
-        )
+        # The pod's share of the batch: the counter summed over pods is the images trained.
+        pod_images = config.batch_size * trainer.env.local_world_size // trainer.env.world_size
+        trainer.metrics.record_step(pod_images, time.perf_counter() - step_start + waited, waited)
         progress.update(1)
         if trainer.step % config.log_every == 0 or trainer.step == trainer.total_steps:
             finite.check()

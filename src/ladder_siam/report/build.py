@@ -33,6 +33,7 @@ from ladder_siam.report.sections import (
     summary_section,
 )
 from ladder_siam.runtime.metrics import push_job_metrics
+from ladder_siam.runtime.run_folder import run_of
 
 logger = logging.getLogger(__name__)
 
@@ -184,7 +185,7 @@ def make_report(config: ReportConfig) -> Report:
     """Builds the report and writes it under ``config.out``; returns it."""
     report = build_report(config)
     write_report(report, config.out)
-    push_job_metrics("report", {"report_runs": len(config.runs)})
+    push_job_metrics("report", {"report_runs": len(config.runs)}, run=run_of(config.out))
     logger.info("report on %d runs: %s", len(config.runs), storage.join(config.out, "index.html"))
     return report
 

@@ -37,6 +37,11 @@ class DistributedEnv:
         """Local rank 0 serves the pod's Prometheus metrics."""
         return self.local_rank == 0
 
+    @property
+    def local_world_size(self) -> int:
+        """Processes on this node (pod): torchrun's ``LOCAL_WORLD_SIZE``."""
+        return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
 
 def setup(timeout_minutes: float = 30.0) -> DistributedEnv:
     """Initialises the process group from the environment (NCCL on GPUs, gloo on CPUs).

@@ -1,8 +1,11 @@
 """The trainer's Prometheus metrics, served on ``/metrics`` or pushed to a Pushgateway.
 
 Conventions: every name starts with ``ladder_siam_``, values are in base units (seconds,
-bytes), counters end in ``_total``, and no label carries a run id: runs are told apart by the
-pod labels that the PodMonitor adds, so series stay few however many runs there are.
+bytes), counters end in ``_total``, and no scraped series carries a run id: runs are told
+apart by the pod labels that the PodMonitor adds, so series stay few however many runs there
+are. Pushed groups are the exception: a Pushgateway group is replaced by the next push with the
+same grouping key, so the key holds the namespace and the run, or two tenants' runs (or two
+runs of one tenant) would overwrite each other's results.
 
 Each :class:`TrainingMetrics` owns its own registry instead of the process-wide default, so
 several instances (tests, a trainer and an evaluation in one process) never collide.
@@ -186,20 +189,24 @@ class TrainingMetrics:
             self._server = None
 
     def push(
-        self, job: str, gateway: str | None = None, grouping: Mapping[str, str] | None = None
+        self,
+        job: str,
+        run: str,
+        gateway: str | None = None,
+        grouping: Mapping[str, str] | None = None,
     ) -> bool:
         """Pushes every metric to a Pushgateway, replacing the group's previous push.
 
         Args:
             job: The Pushgateway ``job`` label, e.g. ``"pretrain"``.
+            run: The run the metrics belong to (see :func:`grouping_key`).
             gateway: Pushgateway address; defaults to ``$PUSHGATEWAY_URL``.
-            grouping: Further grouping labels; low-cardinality ones only, never a run id.
-        success: Whether the step succeeded.
+            grouping: Further grouping labels; low-cardinality ones only.
 
         Returns:
             True when pushed; False when no gateway is configured or reachable.
         """
-        return _push(self.registry, job, gateway, grouping)
+        return _push(self.registry, job, grouping_key(run, grouping), gateway)
 
     def _counter(self, name: str, documentation: str, *labels: str) -> Counter:
         return Counter(f"{PREFIX}{name}", documentation, labels, registry=self.registry)
@@ -214,9 +221,28 @@ class TrainingMetrics:
         raise ValueError(f"unknown level {name!r}; expected one of {self.levels}")
 
 
+def grouping_key(run: str, labels: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The Pushgateway grouping key of a push: the namespace, the run, and ``labels``.
+
+    The namespace is ``$POD_NAMESPACE`` (the pipeline sets it on every step from the pod's
+    own); outside Kubernetes there is none and the key holds the run alone.
+
+    Args:
+        run: The run the metrics belong to: its name, or for a dataset-preparing step the
+            dataset's folder, which several runs share.
+        labels: Further low-cardinality grouping labels (a layout, a split).
+    """
+    key = {"run": run, **(labels or {})}
+    namespace = os.environ.get("POD_NAMESPACE")
+    if namespace:
+        key["namespace"] = namespace
+    return key
+
+
 def push_job_metrics(
     job: str,
     values: Mapping[str, float],
+    run: str,
     gateway: str | None = None,
     grouping: Mapping[str, str] | None = None,
     success: bool = True,
@@ -231,8 +257,9 @@ def push_job_metrics(
         job: The Pushgateway ``job`` label, e.g. ``"prepare-shards"``.
         values: Gauge name without the prefix (in base units) to value, e.g.
             ``{"shards_written": 12}``.
+        run: The run the values belong to (see :func:`grouping_key`).
         gateway: Pushgateway address; defaults to ``$PUSHGATEWAY_URL``.
-        grouping: Further grouping labels; low-cardinality ones only, never a run id.
+        grouping: Further grouping labels; low-cardinality ones only.
         success: Whether the step succeeded.
 
     Returns:
@@ -252,14 +279,14 @@ def push_job_metrics(
         f"Unix time the job last ended in {outcome}.",
         registry=registry,
     ).set(time.time())
-    return _push(registry, job, gateway, grouping, replace=success)
+    return _push(registry, job, grouping_key(run, grouping), gateway, replace=success)
 
 
 def _push(
     registry: CollectorRegistry,
     job: str,
+    grouping: Mapping[str, str],
     gateway: str | None,
-    grouping: Mapping[str, str] | None,
     replace: bool = True,
 ) -> bool:
     address = gateway or os.environ.get("PUSHGATEWAY_URL")
@@ -269,7 +296,7 @@ def _push(
     # success's timestamp survives for "has not succeeded in N days" alerts.
     push = push_to_gateway if replace else pushadd_to_gateway
     try:
-        push(address, job, registry, grouping_key=dict(grouping or {}))
+        push(address, job, registry, grouping_key=dict(grouping))
     except OSError as error:  # refused, timed out, or an HTTP error status
         logger.warning("metrics of %s not pushed to %s: %s", job, address, error)
         return False

@@ -34,6 +34,17 @@ PIPELINE_STATUS = "pipeline_status.json"
 EVALUATIONS = ("linear_probe", "detection", "segmentation")
 
 
+def run_of(uri: str) -> str:
+    """The name of the run whose folder holds ``uri`` (``.../runs/<run>/...``).
+
+    A folder outside any run folder (an evaluation run by hand with ``--out``) is its own
+    run: its last path component.
+    """
+    parts = uri.rstrip("/").split("/")
+    after_runs = [i + 1 for i, part in enumerate(parts[:-1]) if part == RUNS]
+    return parts[after_runs[-1]] if after_runs else parts[-1]
+
+
 def metrics_uri(out: str) -> str:
     """The ``metrics.json`` an evaluation (or any step) writes into its output folder."""
     return storage.join(out, METRICS)

@@ -48,7 +48,7 @@ from ladder_siam.nets.backbone_file import load_backbone
 from ladder_siam.runtime import distributed, resume
 from ladder_siam.runtime.metrics import push_job_metrics
 from ladder_siam.runtime.progress import Progress
-from ladder_siam.runtime.run_folder import metrics_uri
+from ladder_siam.runtime.run_folder import metrics_uri, run_of
 
 logger = logging.getLogger(__name__)
 
@@ -137,6 +137,7 @@ def _run(config: DetectionConfig, env: distributed.DistributedEnv) -> dict[str, 
         push_job_metrics(
             "finetune-detection",
             {f"detection_{k.lower()}_ratio": v / 100 for k, v in metrics["scalars"].items()},
+            run=run_of(config.out),
         )
         logger.info("detection metrics written to %s", uri)
     return metrics

@@ -39,7 +39,7 @@ from ladder_siam.nets.backbone_file import BackboneInfo, load_backbone
 from ladder_siam.runtime import distributed, resume
 from ladder_siam.runtime.metrics import push_job_metrics
 from ladder_siam.runtime.optim import scaled_lr
-from ladder_siam.runtime.run_folder import metrics_uri
+from ladder_siam.runtime.run_folder import metrics_uri, run_of
 
 logger = logging.getLogger(__name__)
 
@@ -225,6 +225,7 @@ def linear_probe(config: ProbeConfig) -> dict[str, Any]:
         push_job_metrics(
             "linear-probe",
             {f"{name}_ratio": value / 100 for name, value in metrics["scalars"].items()},
+            run=run_of(config.out),
         )
         logger.info(
             "linear probe: %s",

@@ -52,7 +52,7 @@ from ladder_siam.runtime import distributed, resume
 from ladder_siam.runtime.health import FiniteCheck
 from ladder_siam.runtime.metrics import push_job_metrics
 from ladder_siam.runtime.progress import Progress
-from ladder_siam.runtime.run_folder import metrics_uri
+from ladder_siam.runtime.run_folder import metrics_uri, run_of
 from ladder_siam.runtime.train_log import TrainLog
 
 logger = logging.getLogger(__name__)
@@ -288,6 +288,7 @@ def _run(config: SegmentationConfig, env: distributed.DistributedEnv) -> dict[st
                 "segmentation_pixel_accuracy_ratio": scores.pixel_accuracy / 100,
                 "segmentation_mean_accuracy_ratio": scores.mean_accuracy / 100,
             },
+            run=run_of(config.out),
             grouping={"preset": config.preset, "arch": info.arch},
         )
     return metrics
