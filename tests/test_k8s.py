@@ -219,6 +219,7 @@ def test_the_example_job_runs_the_trainer_as_the_manifests_expect(
     ]
     config = config_from_args(get_args_parser().parse_args(arguments))
     config.validate(world_size=int(launcher["--nnodes"]) * int(launcher["--nproc-per-node"]))
+    assert int(launcher["--max-restarts"]) >= 1, "a lost worker must not fail the pod"
 
     # The port the trainer serves is the named port the PodMonitor scrapes.
     [port] = [port for port in container["ports"] if port["name"] == "metrics"]

@@ -20,7 +20,14 @@ import torch
 from crd_schemas import crd_errors
 from fake_kubernetes import Script, fake_kubernetes
 
-from ladder_siam.kube.launch import JobCancelledError, JobFailedError, Launcher, run, run_local
+from ladder_siam.kube.launch import (
+    KINDS,
+    JobCancelledError,
+    JobFailedError,
+    Launcher,
+    run,
+    run_local,
+)
 from ladder_siam.kube.launch_config import LaunchConfig
 from ladder_siam.kube.pytorchjob import build_pytorchjob
 from ladder_siam.nets.backbones import torchvision_resnet
@@ -271,7 +278,8 @@ def test_a_hanging_job_times_out_and_is_deleted() -> None:
     assert any("propagationPolicy=Background" in request for request in cluster.requests)
 
 
-def test_sigterm_during_run_deletes_the_job_and_restores_the_handler() -> None:
+@pytest.mark.parametrize("backend", ["pytorchjob", "trainjob"])
+def test_sigterm_during_run_deletes_the_job_and_restores_the_handler(backend: str) -> None:
     received: list[int] = []
 
     def stand_in(signum: int, frame: FrameType | None) -> None:
@@ -283,7 +291,8 @@ def test_sigterm_during_run_deletes_the_job_and_restores_the_handler() -> None:
         with fake_kubernetes(Script(outcome=None)) as (cluster, api):
             timer.start()
             with pytest.raises(JobCancelledError, match="ladder-byol-r50-200ep"):
-                run(launch_config(), Launcher("ml-research", api), timeout_s=20, poll_s=0.05)
+                launcher = Launcher("ml-research", api, KINDS[backend])
+                run(launch_config(backend=backend), launcher, timeout_s=20, poll_s=0.05)
         assert signal.getsignal(signal.SIGTERM) is stand_in
     finally:
         timer.cancel()
