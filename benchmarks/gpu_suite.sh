@@ -13,6 +13,8 @@
 #   compiled        issue 3's open numbers: compiled BYOL and Ladder-DenseBYOL steps, then
 #                   the compiled end to end
 #   eager-steps     the four methods' eager steps (issue 3's ratios; measured 2026-11-26)
+#   monitor         issue 14: the online monitor's cost on the ResNet-50 bf16 eager step,
+#                   BYOL and Ladder-BYOL, 100 steps holding one RankMe (about 2 min)
 #
 # Demo shards need pycocotools, which the GPU image lacks (it has prometheus-client, pyyaml,
 # tqdm). Fetch its wheel once into .whl/ (git-ignored) and name .whl in the run's carry:
@@ -52,6 +54,9 @@ for part in "${@:-e2e e2e-gpu-decode fmnist compiled}"; do
         step --variants bf16-cl-compiled --methods byol,ladder-dense-byol --steps 15 --warmup 3
         e2e --variant bf16-cl-compiled ;;
       eager-steps) step --variants bf16-cl --steps 15 --warmup 5 ;;
+      monitor)
+        step --monitor --methods byol,ladder-byol --variants bf16-cl --steps 100 \
+          --rank-every 100 --warmup 5 ;;
       *) echo "unknown part $part" >&2 ;;
     esac
   done

@@ -187,8 +187,17 @@ def collect(runs: dict[str, Path], report: Path) -> dict[str, dict[str, Any]]:
             "final_loss": {s: last.get(f"loss_{s}") for s in STAGES},
             "final_std": {s: last.get(f"std_{s}") for s in STAGES},
             "images_per_second": last.get("images_per_second"),
+            # The online monitor's last readings (None where it did not run or measure).
+            "online_probe_top1": {s: last_logged(log, f"online_probe_top1_{s}") for s in STAGES},
+            "rankme": {s: last_logged(log, f"rankme_{s}") for s in STAGES},
+            "projector_rankme": {s: last_logged(log, f"rankme_projector_{s}") for s in STAGES},
         }
     return results
+
+
+def last_logged(log: list[dict[str, Any]], key: str) -> float | None:
+    """The last value of ``key`` in a train log, if it was ever logged."""
+    return next((entry[key] for entry in reversed(log) if entry.get(key) is not None), None)
 
 
 def fmt(value: float | None, signed: bool = False) -> str:
@@ -239,6 +248,26 @@ def markdown(results: dict[str, dict[str, Any]], settings: dict[str, Any]) -> st
             f"{fmt(mid)} | {'–' if first else fmt(mid - base_mid, True)} | "
             f"{settings['pretrain_seconds'][method]:.0f} |"
         )
+    lines += [
+        "",
+        "Online monitor at the end of pretraining (top-1 % of the online probe on augmented "
+        "training views over the last log interval; RankMe of the pooled features / of the "
+        "projector output):",
+        "",
+        "| method | "
+        + " | ".join(f"online {s}" for s in STAGES)
+        + " | "
+        + " | ".join(f"RankMe {s}" for s in STAGES)
+        + " | "
+        + " | ".join(f"proj. RankMe {s}" for s in STAGES)
+        + " |",
+        "|---" * (1 + 3 * len(STAGES)) + "|",
+    ]
+    for method, r in results.items():
+        cells = [fmt(r["online_probe_top1"][s]) for s in STAGES]
+        cells += [fmt(r["rankme"][s]) for s in STAGES]
+        cells += [fmt(r["projector_rankme"][s]) for s in STAGES]
+        lines.append(f"| {LABELS.get(method, method)} | " + " | ".join(cells) + " |")
     # One test set of n images: an accuracy p has a binomial standard error of
     # sqrt(p (1 - p) / n); seed-to-seed variation of a pretraining run comes on top of it.
     p = results[base]["probe_top1"]["res5"] / 100

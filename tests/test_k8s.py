@@ -346,7 +346,10 @@ def test_promtool_accepts_the_rules_and_their_unit_tests_pass(rule_files: Path) 
 def test_every_alert_has_a_unit_test_where_it_fires(rule_files: Path) -> None:
     rules = json.loads((rule_files / "ladder-siam-rules.yaml").read_text())
     alerts = {rule["alert"] for group in rules["groups"] for rule in group["rules"]}
-    assert {"LadderSiamTrainingStalled", "LadderSiamNonFiniteLoss", "LadderSiamJobFailed"} <= alerts
+    assert {
+        "LadderSiamTrainingStalled", "LadderSiamNonFiniteLoss", "LadderSiamJobFailed",
+        "LadderSiamRankCollapse",
+    } <= alerts  # fmt: skip
     tests = yaml.safe_load((rule_files / "alerts_test.yaml").read_text())["tests"]
     fired = {
         case["alertname"]
@@ -375,8 +378,9 @@ def test_the_dashboard_has_the_panels_and_every_query_reads_our_metrics(
 ) -> None:
     queries = dashboard_queries(rendered)
     assert set(queries) == {
-        "Loss per level", "Output std per level", "Learning rate", "EMA rate τ", "Images/s",
-        "Step duration", "Data-wait fraction", "GPU memory",
+        "Loss per level", "Output std per level", "Online probe top-1 per stage",
+        "RankMe per stage", "Learning rate", "EMA rate τ", "Images/s", "Step duration",
+        "Data-wait fraction", "GPU memory",
     }  # fmt: skip
     for expressions in queries.values():
         for expr in expressions:
@@ -416,6 +420,8 @@ def test_every_dashboard_query_returns_data_from_a_real_prometheus(
             losses = {"res2": 0.5, "res3": 0.6, "res4": 0.7, "res5": 0.8, "total": 2.6}
             spread = {"res2": 0.1, "res3": 0.1, "res4": 0.1, "res5": 0.1}
             metrics.record_interval(losses, spread, 0.5, 0.99, 64.0, epoch)
+            probe = {"res2": 30.0, "res3": 35.0, "res4": 40.0, "res5": 50.0}
+            metrics.record_monitor(probe, {"res2": 20.0, "res5": 150.0}, {"res5": 60.0})
             time.sleep(1.1)
         for title, expressions in queries.items():
             for expr in expressions:

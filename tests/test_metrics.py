@@ -26,6 +26,9 @@ from ladder_siam.runtime.run_folder import run_of
 
 LOSSES = {"res2": 0.5, "res3": 0.75, "res4": 1.25, "res5": 1.5, "total": 4.0}
 OUTPUT_STD = {"res2": 0.125, "res3": 0.25, "res4": 0.0625, "res5": 0.03125}
+PROBE_TOP1 = {"res2": 31.25, "res3": 37.5, "res4": 43.75, "res5": 62.5}
+RANKME = {"res2": 21.5, "res3": 40.25, "res4": 80.0, "res5": 190.5}
+PROJECTOR_RANKME = {"res5": 24.75}
 # Every series name a training process exposes, as Prometheus stores it (_created aside).
 METRIC_NAMES = {
     "ladder_siam_train_steps_total",
@@ -43,6 +46,8 @@ METRIC_NAMES = {
     "ladder_siam_last_step_timestamp_seconds",
     "ladder_siam_epoch",
     "ladder_siam_images_per_second",
+    "ladder_siam_online_probe_top1",
+    "ladder_siam_rankme",
     "ladder_siam_build_info",
 }
 GPU_METRIC_NAMES = {
@@ -87,6 +92,7 @@ def train_a_little(metrics: TrainingMetrics, intervals: int = 1, pause_s: float 
         metrics.record_interval(
             LOSSES, OUTPUT_STD, lr=0.5, tau=0.99, images_per_second=64.0, epoch=epoch
         )
+        metrics.record_monitor(PROBE_TOP1, RANKME, PROJECTOR_RANKME)
         time.sleep(pause_s)
 
 
@@ -125,6 +131,10 @@ def test_prometheus_scrapes_every_metric(
         f'ladder_siam_build_info{{version="{__version__}", method="DDGG", arch="resnet18"}} == 1',
         *(f'ladder_siam_train_loss{{level="{k}"}} == {v}' for k, v in LOSSES.items()),
         *(f'ladder_siam_output_std{{level="{k}"}} == {v}' for k, v in OUTPUT_STD.items()),
+        *(f'ladder_siam_online_probe_top1{{level="{k}"}} == {v}' for k, v in PROBE_TOP1.items()),
+        *(f'ladder_siam_rankme{{level="{k}", space="backbone"}} == {v}' for k, v in RANKME.items()),
+        'ladder_siam_rankme{level="res5", space="projector"} == 24.75',
+        'count(ladder_siam_rankme{space="projector"}) == 1',
     ]
     for promql in expected:
         wait_for_query(prometheus, promql)
@@ -169,8 +179,21 @@ def test_promtool_accepts_the_exposition(metrics: TrainingMetrics) -> None:
 def test_unknown_level_is_refused(metrics: TrainingMetrics) -> None:
     with pytest.raises(ValueError, match="res6"):
         metrics.record_collapse_warning("res6")
+    with pytest.raises(ValueError, match="res1"):
+        metrics.record_monitor({}, {}, {"res1": 3.0})
     with pytest.raises(ValueError, match="total"):
         metrics.record_interval({}, {"total": 0.1}, lr=0.1, tau=0.99, images_per_second=1, epoch=0)
+
+
+def test_monitor_series_appear_only_once_measured(metrics: TrainingMetrics) -> None:
+    # A 0 before the first measurement would read as a collapse and fire the RankMe alert.
+    metrics.record_interval(LOSSES, OUTPUT_STD, lr=0.5, tau=0.99, images_per_second=1, epoch=0)
+    names = exposed_names(metrics.registry)
+    assert not {"ladder_siam_online_probe_top1", "ladder_siam_rankme"} & names
+    metrics.record_monitor(PROBE_TOP1, {}, {})
+    value = metrics.registry.get_sample_value
+    assert value("ladder_siam_online_probe_top1", {"level": "res4"}) == 43.75
+    assert "ladder_siam_rankme" not in exposed_names(metrics.registry)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only case")

@@ -13,6 +13,7 @@ from prometheus_servers import prometheus_server, wait_for_query
 from system_tools import free_port, require_tool
 
 from ladder_siam.cli import main as cli
+from ladder_siam.nets.archs import STAGES
 from ladder_siam.nets.backbones import torchvision_resnet
 from ladder_siam.pretrain import train as pretrain_module
 from ladder_siam.pretrain.config import PretrainConfig
@@ -30,7 +31,7 @@ def tiny(shards: str, out: Path, **overrides: object) -> PretrainConfig:
         "small_input": True, "image_size": 32, "epochs": 3, "batch_size": 32,
         "warmup_epochs": 0.5, "hidden_dim": 128, "projection_dim": 32, "dense_dim": 16,
         "precision": "fp32", "channels_last": False, "workers": 1, "buffer_size": 50,
-        "log_every": 2, "checkpoint_every": 4, "metrics_port": None,
+        "log_every": 2, "checkpoint_every": 4, "metrics_port": None, "rank_every": 2,
     }  # fmt: skip
     settings.update(overrides)
     return PretrainConfig(**settings)
@@ -72,10 +73,27 @@ def test_killed_and_resumed_run_ends_bitwise_equal(
     resumed = torch.load(tmp_path / "resumed/checkpoints/step-000010.pt", weights_only=True)
     for name, tensor in straight["model"].items():
         assert torch.equal(tensor, resumed["model"][name]), name
-    losses = [
-        [r["loss"] for r in read_train_log(str(tmp_path / run))] for run in ("straight", "resumed")
-    ]
-    assert losses[0] == losses[1]
+    # The online monitor resumes exactly too: probe heads, their optimiser, RankMe's ring.
+    assert_equal_states(straight["monitor"], resumed["monitor"])
+    assert straight["monitor"]["ring"]["filled"] == 10 * 32
+    logs = [read_train_log(str(tmp_path / run)) for run in ("straight", "resumed")]
+    watched = ["loss", *(f"online_probe_top1_{stage}" for stage in STAGES)]
+    assert [[r[k] for k in watched] for r in logs[0]] == [[r[k] for k in watched] for r in logs[1]]
+
+
+def assert_equal_states(expected: object, actual: object, path: str = "") -> None:
+    if isinstance(expected, torch.Tensor):
+        assert torch.equal(expected, actual), path
+    elif isinstance(expected, dict):
+        assert expected.keys() == actual.keys(), path
+        for key, value in expected.items():
+            assert_equal_states(value, actual[key], f"{path}/{key}")
+    elif isinstance(expected, list | tuple):
+        assert len(expected) == len(actual), path
+        for index, value in enumerate(expected):
+            assert_equal_states(value, actual[index], f"{path}/{index}")
+    else:
+        assert expected == actual, path
 
 
 @pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")
@@ -88,6 +106,8 @@ def test_decoding_on_the_device_trains_like_decoding_in_the_loader(
     assert [r["step"] for r in gpu] == [2]
     # The views differ by a grey level in a few pixels (float vs fixed-point resizing).
     assert [r["loss"] for r in gpu] == pytest.approx([r["loss"] for r in cpu], rel=1e-3)
+    # Both paths hand the online monitor the labels.
+    assert all(0 <= r["online_probe_top1_res2"] <= 100 for r in (*cpu, *gpu))
 
 
 def test_resume_refuses_changed_settings(shards: str, tmp_path: Path) -> None:
@@ -144,7 +164,7 @@ def _torchrun(*args: str) -> list[str]:
 def _train_args(shards: str, out: Path) -> list[str]:
     return [
         "--config", str(TINY), "--shards", shards, "--out", str(out), "--max-steps", "4",
-        "--hidden-dim", "64", "--projection-dim", "32", "--log-every", "2",
+        "--hidden-dim", "64", "--projection-dim", "32", "--log-every", "2", "--rank-every", "2",
     ]  # fmt: skip
 
 
@@ -163,7 +183,12 @@ def test_two_process_gloo_run(shards: str, tmp_path: Path) -> None:
     assert "on 2 x cpu" in result.stderr
     assert "--sync-bn has no effect on cpu" in result.stderr, "a GPU preset still runs on CPU"
     assert (tmp_path / "backbone.pt").exists()
-    assert [r["step"] for r in read_train_log(str(tmp_path))] == [2, 4]
+    log = read_train_log(str(tmp_path))
+    assert [r["step"] for r in log] == [2, 4]
+    assert all(0 <= r["online_probe_top1_res5"] <= 100 for r in log)
+    # RankMe's ring holds both ranks' 16 images of each step, gathered.
+    [(_, last)] = list_checkpoints(str(tmp_path))
+    assert torch.load(last, weights_only=True)["monitor"]["ring"]["filled"] == 4 * 32
 
 
 @pytest.mark.integration
@@ -220,7 +245,8 @@ def test_sync_bn_scope_groups_the_ranks_of_each_node(scope: str, expected: list)
 def test_real_prometheus_scrapes_a_training_run(shards: str, tmp_path: Path) -> None:
     port = free_port()
     command = [sys.executable, "-m", "ladder_siam.pretrain", *_train_args(shards, tmp_path / "run")]
-    command += ["--max-steps", "200", "--metrics-port", str(port)]
+    # 60 steps of 32 images: RankMe's ring fills at step 16 and the run goes on being scraped.
+    command += ["--epochs", "12", "--max-steps", "200", "--metrics-port", str(port)]
     with prometheus_server([f"127.0.0.1:{port}"], tmp_path) as url:
         run = subprocess.Popen(
             command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
@@ -235,8 +261,12 @@ def test_real_prometheus_scrapes_a_training_run(shards: str, tmp_path: Path) -> 
                 "ladder_siam_train_samples_total >= 32 * ladder_siam_train_steps_total - 32 * 4",
                 "ladder_siam_train_step_duration_seconds_count > 0",
                 'ladder_siam_build_info{method="ladder-byol", arch="resnet18"} == 1',
+                'ladder_siam_online_probe_top1{level="res2"} >= 0',
             ):
                 assert wait_for_query(url, promql, timeout=30), promql
+            for space, levels in (("backbone", 4), ("projector", 4)):
+                promql = f'count(ladder_siam_rankme{{space="{space}"}} > 1) == {levels}'
+                assert wait_for_query(url, promql, timeout=120), promql
         finally:
             run.terminate()
             run.wait(timeout=30)

@@ -87,9 +87,13 @@ def write_run(
         {"step": step, "epoch": 0, "lr": 0.1 * step, "tau": 0.99 + step / 1000,
          "loss": 4.0 / step, **{f"loss_{s}": 1.0 / step for s in STAGES},
          **{f"std_{s}": 0.05 for s in STAGES}, "images_per_second": 100.0 + step,
-         "data_wait_fraction": 0.1, "time": 1e9 + step}
+         "data_wait_fraction": 0.1, "time": 1e9 + step,
+         **{f"online_probe_top1_{s}": 20.0 + 5 * step for s in STAGES}}
         for step in (1, 2, 3, 4)
     ]  # fmt: skip
+    for record in log[1::2]:  # RankMe is computed every few steps only
+        record.update({f"rankme_{s}": 10.0 * record["step"] for s in STAGES})
+        record["rankme_projector_res5"] = 3.0 * record["step"]
     (root / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
     if backbone is not None:
         torch.save(backbone, root / "backbone.pt")
@@ -142,8 +146,10 @@ def test_report_of_two_runs_has_every_section_and_marks_what_did_not_run(
     assert page.count('<td class="not-run">not run</td>') == 3
     assert "needs at least 3 runs, 2 given" in page
     embedded = re.findall(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
-    # probe bars, 13 curves (loss, 4 levels, lr, tau, img/s, wait, 4 std), violins, 2 grids
-    assert len(embedded) == 1 + 13 + 1 + 2
+    # probe bars, online probe / RankMe / projector RankMe per stage, 13 curves (loss,
+    # 4 levels, lr, tau, img/s, wait, 4 std), violins, 2 grids
+    assert len(embedded) == 1 + 3 + 13 + 1 + 2
+    assert "Online monitor, last logged values" in page
     assert Image.open(io.BytesIO(base64.b64decode(embedded[-1]))).format == "PNG"
     assert not re.search(r'(src|href)="(https?:)?//', page), "the page makes no requests"
     assert "Trained heads: byol: none; ladder-byol: none." in page
@@ -162,6 +168,9 @@ def test_report_of_two_runs_has_every_section_and_marks_what_did_not_run(
     assert b["deltas"]["box_ap"] is None and a["deltas"]["miou"] == 0
     assert summary["scalars"]["ladder-byol_delta_probe_top1"] == pytest.approx(2.5)
     assert summary["scalars"]["byol_box_ap"] == 30.0
+    assert b["online_monitor"]["probe_top1"] == {s: 40.0 for s in STAGES}
+    assert b["online_monitor"]["projector_rankme"] == {"res5": 12.0}
+    assert summary["scalars"]["ladder-byol_online_rankme_res3"] == 40.0
     assert "ladder-byol_box_ap" not in summary["scalars"]
     assert summary["correlations"] == []
     distances = summary["analysis"]["view_distance"]["byol"]

@@ -70,6 +70,9 @@ class PretrainConfig:
     metrics_port: int | None = 9400
     collapse_threshold: float = 1e-3
     collapse_patience: int = 3
+    online_monitor: bool = True
+    online_probe_lr: float = 0.1
+    rank_every: int = 100
 
     @property
     def levels(self) -> str:
@@ -116,6 +119,11 @@ class PretrainConfig:
                 self.sync_bn_scope in SYNC_BN_SCOPES,
                 f"--sync-bn-scope {self.sync_bn_scope!r}: expected all or node",
             ),
+            (
+                self.online_probe_lr > 0,
+                f"--online-probe-lr {self.online_probe_lr}: must be positive",
+            ),
+            (self.rank_every >= 1, f"--rank-every {self.rank_every}: at least 1"),
             (
                 self.weights is None or (len(self.weights) == 4 and min(self.weights) >= 0),
                 f"--weights {self.weights}: four non-negative numbers for res2..res5",
@@ -212,6 +220,11 @@ HELP = {
     "metrics_port": "Prometheus /metrics port on local rank 0 (0 or empty: off)",
     "collapse_threshold": "output std below which a level counts as collapsing",
     "collapse_patience": "log intervals below the threshold before a collapse warning",
+    "online_monitor": "train a linear probe on every stage's detached features during "
+    "pretraining and compute RankMe per stage (needs labelled shards; without .cls labels "
+    "it is off with a log line); training itself is unchanged",
+    "online_probe_lr": "learning rate of the online probes' own SGD",
+    "rank_every": "steps between RankMe computations (over the last max-stage-width samples)",
 }
 
 

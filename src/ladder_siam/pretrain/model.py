@@ -17,7 +17,7 @@ BatchNorm in training mode (batch statistics), as in BYOL.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -37,11 +37,17 @@ class LadderOutput:
         loss: The weighted total, to back-propagate.
         per_level: Each supervised stage's (unweighted, symmetrised) loss.
         output_std: Each supervised stage's collapse signal (see ``losses.output_std``).
+        features: Every stage's globally pooled online features of the first view, detached:
+            what the online monitor probes, at no extra forward pass.
+        projections: Each supervised stage's online projector output of the first view,
+            detached.
     """
 
     loss: torch.Tensor
     per_level: dict[str, torch.Tensor]
     output_std: dict[str, torch.Tensor]
+    features: dict[str, torch.Tensor] = field(default_factory=dict)
+    projections: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class LadderSiam(nn.Module):
@@ -104,9 +110,10 @@ class LadderSiam(nn.Module):
 
     def forward(self, view_a: torch.Tensor, view_b: torch.Tensor) -> LadderOutput:
         """Computes the Ladder loss for a batch of two augmented views of the same images."""
+        pooled: dict[str, torch.Tensor] = {}
         online = [
-            self._project(self.backbone, self.projectors, self.dense_projectors, v)
-            for v in (view_a, view_b)
+            self._project(self.backbone, self.projectors, self.dense_projectors, view_a, pooled),
+            self._project(self.backbone, self.projectors, self.dense_projectors, view_b),
         ]
         with torch.no_grad():
             target = [
@@ -129,7 +136,8 @@ class LadderSiam(nn.Module):
             per_level[stage] = loss
             spread[stage] = output_std(online[0][stage][0])
             total = total + weight * loss
-        return LadderOutput(total, per_level, spread)
+        projections = {stage: online[0][stage][0].detach() for stage in self.supervised}
+        return LadderOutput(total, per_level, spread, pooled, projections)
 
     @staticmethod
     def _project(
@@ -137,12 +145,22 @@ class LadderSiam(nn.Module):
         projectors: nn.ModuleDict,
         dense_projectors: nn.ModuleDict,
         images: torch.Tensor,
+        pooled: dict[str, torch.Tensor] | None = None,
     ) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
-        """Per supervised stage: (global projection, dense projection or None)."""
+        """Per supervised stage: (global projection, dense projection or None).
+
+        With ``pooled``, every stage's pooled features are also put there, detached.
+        """
         features = backbone(images)
+        means = {stage: features[stage].mean(dim=(2, 3)) for stage in projectors}
+        if pooled is not None:
+            for stage, feature in features.items():
+                # The supervised stages' means are the projectors' inputs: pooled once.
+                mean = means[stage] if stage in means else feature.detach().mean(dim=(2, 3))
+                pooled[stage] = mean.detach()
         return {
             stage: (
-                projector(features[stage].mean(dim=(2, 3))),
+                projector(means[stage]),
                 dense_projectors[stage](features[stage]) if stage in dense_projectors else None,
             )
             for stage, projector in projectors.items()

@@ -32,12 +32,15 @@ from torch.utils.data import default_collate
 
 from ladder_siam.data.crops import TwoViewCrop
 from ladder_siam.data.gpu_decode import JpegBatch, JpegTwoViews, collate_jpegs, decode_views
-from ladder_siam.data.manifest import load_split
+from ladder_siam.data.labeled import CollateWithLabels, WithLabel, has_labels
+from ladder_siam.data.manifest import SplitManifest, load_split
 from ladder_siam.data.shards import ShardDataset, Transform, make_loader
 from ladder_siam.io import storage
 from ladder_siam.pretrain.augmentation import TwoViewPhotometric
 from ladder_siam.pretrain.config import PretrainConfig, add_arguments, config_from_args
 from ladder_siam.pretrain.model import LadderOutput, LadderSiam
+from ladder_siam.pretrain.monitor import OnlineMonitor, build_monitor
+from ladder_siam.pretrain.reporting import IntervalReporter, interval_record
 from ladder_siam.runtime import distributed, resume
 from ladder_siam.runtime.health import CollapseMonitor, FiniteCheck, NonFiniteLossError
 from ladder_siam.runtime.metrics import TrainingMetrics
@@ -67,6 +70,7 @@ class Trainer:
     metrics: TrainingMetrics
     train_log: TrainLog
     step: int = 0
+    monitor: OnlineMonitor | None = None
 
 
 def build_model(
@@ -102,19 +106,29 @@ def build_optimizer(model: LadderSiam, config: PretrainConfig) -> LARS:
     return LARS(param_groups(online, config.weight_decay), lr=0.0, eta=config.lars_eta)
 
 
-def build_dataset(config: PretrainConfig, rank: int, world_size: int) -> ShardDataset:
+def build_dataset(
+    config: PretrainConfig,
+    rank: int,
+    world_size: int,
+    labels: bool = False,
+    manifest: SplitManifest | None = None,
+) -> ShardDataset:
     """This rank's training batches of two uint8 views per image.
 
     With ``decode="gpu"`` a batch is a :class:`~ladder_siam.data.gpu_decode.JpegBatch` instead:
-    the images' JPEG bytes and crops, for :func:`views_on_device` to decode.
+    the images' JPEG bytes and crops, for :func:`views_on_device` to decode. With ``labels``
+    a batch is ``(batch, labels)`` (for the online monitor). ``manifest`` is the train split
+    if already read.
     """
-    manifest = load_split(config.shards, "train")
+    manifest = manifest or load_split(config.shards, "train")
     per_rank = config.batch_size // (world_size * config.accumulation)
     crop = TwoViewCrop(config.image_size)
     transform: Transform = crop.from_jpeg
     collate: Callable[[list[Any]], Any] = default_collate
     if config.decode == "gpu":
         transform, collate = JpegTwoViews(crop), collate_jpegs
+    if labels:
+        transform, collate = WithLabel(transform), CollateWithLabels(collate)
     return ShardDataset(
         manifest, per_rank, transform, rank, world_size, seed=config.seed,
         buffer_size=config.buffer_size, collate=collate, decode=False,
@@ -137,11 +151,17 @@ def build_augment(config: PretrainConfig, device: torch.device) -> nn.Module:
     return torch.compile(augment, dynamic=False) if config.compile else augment
 
 
-def training_step(
-    trainer: Trainer, micro_batches: list[tuple[torch.Tensor, torch.Tensor] | JpegBatch]
-) -> LadderOutput:
-    """One optimizer step over ``accumulation`` micro-batches; returns their mean output."""
+def training_step(trainer: Trainer, micro_batches: list[Any]) -> LadderOutput:
+    """One optimizer step over ``accumulation`` micro-batches; returns their mean output.
+
+    A micro-batch is a loader batch: two views or a ``JpegBatch``, paired with the labels
+    when the online monitor runs, which then scores and trains its probes on the step.
+    """
     config, device, step = trainer.config, trainer.env.device, trainer.step
+    labels: tuple[torch.Tensor, ...] = ()
+    if trainer.monitor is not None:
+        micro_batches, labels = zip(*micro_batches, strict=True)  # type: ignore[assignment]
+    watched: list[LadderOutput] = []
     for group in trainer.optimizer.param_groups:
         group["lr"] = float(trainer.lr[step])
     autocast = torch.autocast(device.type, torch.bfloat16, enabled=config.precision == "bf16")
@@ -166,6 +186,7 @@ def training_step(
                 output = trainer.step_model(view_a, view_b)
             (output.loss / len(micro_batches)).backward()
         total += output.loss.detach() / len(micro_batches)
+        watched.append(output)
         for level, loss in output.per_level.items():
             per_level[level] = per_level.get(level, 0) + loss.detach() / len(micro_batches)
             spread[level] = spread.get(level, 0) + output.output_std[level] / len(micro_batches)
@@ -173,6 +194,13 @@ def training_step(
     trainer.optimizer.zero_grad(set_to_none=True)
     trainer.model.update_target(float(trainer.tau[step]))
     trainer.step += 1
+    if trainer.monitor is not None:
+        trainer.monitor.update(
+            trainer.step,
+            {s: torch.cat([o.features[s] for o in watched]) for s in watched[0].features},
+            {s: torch.cat([o.projections[s] for o in watched]) for s in watched[0].projections},
+            torch.cat(labels).to(device, non_blocking=True),
+        )
     return LadderOutput(total, per_level, spread)
 
 
@@ -182,7 +210,7 @@ def train_one_epoch(
     epoch: int,
     progress: Progress,
     finite: FiniteCheck,
-    collapse: CollapseMonitor,
+    reporter: IntervalReporter,
 ) -> None:
     """Runs the steps of one epoch (from the resumed position) until it or the run ends."""
     config = trainer.config
@@ -213,64 +241,25 @@ def train_one_epoch(
             finite.check()
             elapsed = time.perf_counter() - interval_start
             means = torch.stack(interval).mean(dim=0).tolist()
-            record = _record(trainer, epoch, levels, means, images / elapsed, data_wait / elapsed)
-            _report(trainer, record, levels, collapse, progress)
+            last = trainer.step - 1
+            reading = trainer.monitor.reading() if trainer.monitor is not None else None
+            record = interval_record(
+                trainer.step, epoch, float(trainer.lr[last]), float(trainer.tau[last]), levels,
+                means, images / elapsed, data_wait / elapsed, reading,
+            )  # fmt: skip
+            reporter.report(record, levels, reading, progress)
             interval, interval_start, data_wait, images = [], time.perf_counter(), 0.0, 0
         if trainer.step % config.checkpoint_every == 0 or trainer.step == trainer.total_steps:
             finite.check()
             save_checkpoint(trainer)
 
 
-def _record(
-    trainer: Trainer, epoch: int, levels: list[str], means: list[float], rate: float, wait: float
-) -> dict[str, Any]:
-    step = trainer.step - 1
-    record: dict[str, Any] = {
-        "step": trainer.step,
-        "epoch": epoch,
-        "lr": float(trainer.lr[step]),
-        "tau": float(trainer.tau[step]),
-        "loss": means[0],
-    }
-    record.update({f"loss_{level}": means[1 + i] for i, level in enumerate(levels)})
-    record.update({f"std_{level}": means[1 + len(levels) + i] for i, level in enumerate(levels)})
-    record.update(
-        {"images_per_second": rate, "data_wait_fraction": min(wait, 1.0), "time": time.time()}
-    )
-    return record
-
-
-def _report(
-    trainer: Trainer,
-    record: dict[str, Any],
-    levels: list[str],
-    collapse: CollapseMonitor,
-    progress: Progress,
-) -> None:
-    losses = {"total": record["loss"], **{level: record[f"loss_{level}"] for level in levels}}
-    spread = {level: record[f"std_{level}"] for level in levels}
-    trainer.metrics.record_interval(
-        losses=losses, output_std=spread, lr=record["lr"], tau=record["tau"],
-        images_per_second=record["images_per_second"], epoch=record["epoch"],
-    )  # fmt: skip
-    for level in collapse.update(spread, trainer.step):
-        trainer.metrics.record_collapse_warning(level)
-    if trainer.env.is_main:
-        trainer.train_log.append(record)
-        if not progress.has_bar:
-            logger.info(
-                "step %d/%d epoch %d loss %.4f %s lr %.3g tau %.5f %.0f img/s data-wait %.0f%%",
-                record["step"], trainer.total_steps, record["epoch"], record["loss"],
-                " ".join(f"{lv} {record[f'loss_{lv}']:.3f}" for lv in levels),
-                record["lr"], record["tau"], record["images_per_second"],
-                100 * record["data_wait_fraction"],
-            )  # fmt: skip
-
-
 def save_checkpoint(trainer: Trainer) -> None:
     """Rank 0 writes the run's state at the current step."""
     if trainer.env.is_main:
-        parts = {"model": trainer.model, "optimizer": trainer.optimizer}
+        parts: dict[str, resume.Stateful] = {"model": trainer.model, "optimizer": trainer.optimizer}
+        if trainer.monitor is not None:
+            parts["monitor"] = trainer.monitor
         resume.save(trainer.config, trainer.step, parts)
 
 
@@ -311,7 +300,9 @@ def pretrain(config: PretrainConfig) -> str:
 
 def _run(config: PretrainConfig, env: distributed.DistributedEnv) -> str:
     torch.manual_seed(config.seed)
-    dataset = build_dataset(config, env.rank, env.world_size)
+    manifest = load_split(config.shards, "train")
+    labels = config.online_monitor and has_labels(manifest)
+    dataset = build_dataset(config, env.rank, env.world_size, labels, manifest)
     steps_per_epoch = dataset.batches_per_epoch // config.accumulation
     if steps_per_epoch == 0:
         raise ValueError(
@@ -336,10 +327,15 @@ def _run(config: PretrainConfig, env: distributed.DistributedEnv) -> str:
     if config.compile:
         step_model = torch.compile(step_model)
     optimizer = build_optimizer(model, config)
+    monitor = build_monitor(config, model, manifest, env)
 
     resumed = resume.resume(config.out, config, map_location=env.device)
     if resumed is not None:
         resume.restore(resumed, {"model": model, "optimizer": optimizer})
+        if monitor is not None and "monitor" in resumed.state:
+            monitor.load_state_dict(resumed.state["monitor"])
+        elif monitor is not None and env.is_main:
+            logger.info("the checkpoint has no online monitor state: its probes start afresh")
     metrics = TrainingMetrics(method=config.method, arch=config.arch)
     if env.is_local_main and config.metrics_port:
         metrics.serve(config.metrics_port)
@@ -350,7 +346,7 @@ def _run(config: PretrainConfig, env: distributed.DistributedEnv) -> str:
         augment=build_augment(config, env.device),
         steps_per_epoch=steps_per_epoch, total_steps=total_steps, metrics=metrics,
         train_log=TrainLog(config.out, resumed.step if resumed else None, env.is_main),
-        step=resumed.step if resumed else 0,
+        step=resumed.step if resumed else 0, monitor=monitor,
     )  # fmt: skip
     logger.info(
         "pretraining %s %s (levels %s, weights %s) on %d x %s: %d steps of %d images, %d per epoch",
@@ -359,6 +355,7 @@ def _run(config: PretrainConfig, env: distributed.DistributedEnv) -> str:
     )  # fmt: skip
     finite = FiniteCheck()
     collapse = CollapseMonitor(config.collapse_threshold, config.collapse_patience)
+    reporter = IntervalReporter(metrics, trainer.train_log, collapse, total_steps, env.is_main)
     loader_workers = config.workers
     with Progress(
         total_steps, "pretrain", unit="step", logger=logger, enabled=env.is_main
@@ -369,7 +366,7 @@ def _run(config: PretrainConfig, env: distributed.DistributedEnv) -> str:
             dataset.set_epoch(epoch, (trainer.step % steps_per_epoch) * config.accumulation)
             loader = make_loader(dataset, loader_workers, pin_memory=env.device.type == "cuda")
             try:
-                train_one_epoch(trainer, loader, epoch, progress, finite, collapse)
+                train_one_epoch(trainer, loader, epoch, progress, finite, reporter)
                 finite.check()
             except NonFiniteLossError as error:
                 for level in error.levels:

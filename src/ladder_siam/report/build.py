@@ -97,7 +97,11 @@ def _slug(name: str) -> str:
 
 
 def scalars(summary: dict[str, Any]) -> dict[str, float]:
-    """The flat ``name -> value`` metrics for KFP: what ran, per run, plus view distances."""
+    """The flat ``name -> value`` metrics for KFP: what ran, per run, plus view distances.
+
+    Per run: headline metrics and their deltas, the per-stage probe, and the online monitor's
+    last values (``<run>_online_probe_top1_res2``, ``<run>_online_rankme_res2``...).
+    """
     flat: dict[str, float] = {}
     for run in summary["runs"]:
         prefix = _slug(run["name"])
@@ -110,6 +114,9 @@ def scalars(summary: dict[str, Any]) -> dict[str, float]:
             for kind in ("top1", "knn_top1"):
                 if isinstance(values, dict) and isinstance(values.get(kind), int | float):
                     flat[f"{prefix}_probe_{stage}_{kind}"] = float(values[kind])
+        for kind, per_stage in run["online_monitor"].items():
+            for stage, value in per_stage.items():
+                flat[f"{prefix}_online_{kind}_{stage}"] = float(value)
     for name, per_stage in (summary["analysis"]["view_distance"] or {}).items():
         for stage, stats in per_stage.items():
             flat[f"{_slug(name)}_view_distance_{stage}"] = stats["median"]

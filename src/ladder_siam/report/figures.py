@@ -74,6 +74,37 @@ def line_chart(
     return _png(figure)
 
 
+def stage_curves(
+    panels: dict[str, dict[str, tuple[Sequence[float], Sequence[float]]]],
+    title: str,
+    ylabel: str,
+    runs: Sequence[str],
+) -> bytes:
+    """One panel per stage, each with a line per run (``stage -> run -> (x, y)``).
+
+    A run keeps its colour (by its place in ``runs``) in every panel, also where the runs
+    before it have no line; a panel without data says so.
+    """
+    colours = {name: f"C{index % 10}" for index, name in enumerate(runs)}
+    figure = Figure(figsize=(3.2 * len(panels), 3.0))
+    figure.suptitle(title)
+    for index, (stage, series) in enumerate(panels.items()):
+        axes = figure.add_subplot(1, len(panels), index + 1)
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+        for name, (x, y) in series.items():
+            axes.plot(x, y, label=name, color=colours[name], marker="." if len(x) < 20 else None)
+        if not series:
+            axes.text(0.5, 0.5, "not logged", ha="center", va="center", transform=axes.transAxes)
+        axes.set_title(stage)
+        axes.set_xlabel("step")
+        if index == 0:
+            axes.set_ylabel(ylabel)
+        axes.grid(alpha=0.3)
+        if series:
+            axes.legend(fontsize="small")
+    return _png(figure)
+
+
 def violins(
     distances: dict[str, dict[str, np.ndarray]], stages: Sequence[str], ylabel: str
 ) -> bytes:

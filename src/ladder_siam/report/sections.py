@@ -13,6 +13,7 @@ from ladder_siam.report import figures as report_figures
 from ladder_siam.report import paper_reference
 from ladder_siam.report.html import NOT_RUN, Block, Figure, Paragraph, Section, Table
 from ladder_siam.report.inputs import HEADLINE, HEADLINE_LABELS, RunResults
+from ladder_siam.report.online_monitor import last_values, online_monitor_blocks
 from ladder_siam.report.task_correlation import MIN_RUNS, Correlation, correlate, correlation_matrix
 from ladder_siam.runtime.run_folder import EVALUATIONS
 
@@ -55,6 +56,7 @@ def run_summaries(runs: list[RunResults]) -> list[dict[str, Any]]:
                 "metrics": metrics,
                 "deltas": deltas,
                 "stages": probe.get("stages", {}),
+                "online_monitor": last_values(run),
             }
         )
     return summaries
@@ -173,6 +175,7 @@ def probe_section(runs: list[RunResults]) -> Section:
     blocks.append(
         Table(["method", *STAGES], reference, "Paper, Table 7: ImageNet linear probe per stage")
     )
+    blocks += online_monitor_blocks(runs)
     return Section("2. Per-stage linear probe (Table 7)", blocks)
 
 

@@ -37,6 +37,9 @@ logger = logging.getLogger(__name__)
 PREFIX = "ladder_siam_"
 LEVELS = ("res2", "res3", "res4", "res5")
 TOTAL = "total"
+# The embedding a RankMe gauge measures: a stage's pooled backbone features, or the output of
+# that level's projector.
+SPACES = ("backbone", "projector")
 # Steps take 0.05–5 s from a laptop CPU to a multi-node GPU job; the outer buckets catch
 # stalls (a slow shard, a checkpoint written in the step).
 STEP_BUCKETS = (0.025, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 30.0)
@@ -92,6 +95,20 @@ class TrainingMetrics:
         self._images_per_second = self._gauge(
             "images_per_second", "Throughput of the last interval."
         )
+        # No zero-valued series for the monitor: 0 would read as a collapse (and alert) before
+        # the first measurement.
+        self._online_probe_top1 = self._gauge(
+            "online_probe_top1",
+            "Online linear probe top-1 (%) on each batch before training on it, last interval.",
+            "level",
+        )
+        self._rankme = self._gauge(
+            "rankme",
+            "RankMe (effective rank, Garrido et al. 2023) of a level's pooled backbone features "
+            "(space=backbone) or projector output (space=projector); near 1 means collapse.",
+            "level",
+            "space",
+        )
         Info(
             f"{PREFIX}build", "Package version and run configuration.", registry=self.registry
         ).info({"version": __version__, "method": method, "arch": arch})
@@ -143,6 +160,26 @@ class TrainingMetrics:
         self._images_per_second.set(images_per_second)
         self._epoch.set(epoch)
         self.record_gpu_memory()
+
+    def record_monitor(
+        self,
+        probe_top1: Mapping[str, float],
+        rankme: Mapping[str, float],
+        projector_rankme: Mapping[str, float],
+    ) -> None:
+        """Sets the online monitor's gauges (``pretrain/monitor.py``) for one interval.
+
+        Args:
+            probe_top1: Level -> online probe top-1 in percent.
+            rankme: Level -> RankMe of the pooled backbone features; only the levels
+                measured in the interval.
+            projector_rankme: Level -> RankMe of the level's projector output, likewise.
+        """
+        for name, value in probe_top1.items():
+            self._online_probe_top1.labels(self._level(name)).set(value)
+        for space, values in zip(SPACES, (rankme, projector_rankme), strict=True):
+            for name, value in values.items():
+                self._rankme.labels(self._level(name), space).set(value)
 
     def record_nonfinite(self, level: str) -> None:
         """Counts a NaN or inf loss at ``level`` (a ladder level or ``"total"``)."""

@@ -33,7 +33,8 @@ logger = logging.getLogger(__name__)
 
 # Settings a resumed run may change: where data and outputs live (an input's content is
 # compared by fingerprint instead), how data is read, how often the run logs and saves, how
-# the step is compiled, and what is evaluated only after training. Any other difference from
+# the step is compiled, what is watched beside training without shaping it, and what is
+# evaluated only after training. Any other difference from
 # the checkpoint's settings would make the resumed run a different run.
 MAY_CHANGE = frozenset(
     {
@@ -44,6 +45,8 @@ MAY_CHANGE = frozenset(
         # how often the run reports and saves, and how long this invocation goes on
         "log_every", "checkpoint_every", "keep_checkpoints", "max_steps", "metrics_port",
         "collapse_threshold", "collapse_patience",
+        # what is watched alongside training without shaping it (the online monitor)
+        "online_monitor", "online_probe_lr", "rank_every",
         # what is computed only after training
         "eval_batch_size", "extract_batch_size", "cache_features", "knn_k", "knn_temperature",
         "knn_chunk",
