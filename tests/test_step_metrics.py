@@ -18,8 +18,9 @@ from ladder_siam.prep.demo_data import make_demo_data
 from ladder_siam.runtime.run_folder import PIPELINE_STATUS
 
 COUNTS = ("shards", "shards_written", "samples", "samples_skipped")
-# What a group of the Pushgateway may be told apart by: no run id, no dataset URI.
-ALLOWED_LABELS = {"job", "instance", "layout", "split"}
+# What a group of the Pushgateway may be told apart by: its namespace and run (a dataset's
+# folder name for shards), a layout and a split; never a URI.
+ALLOWED_LABELS = {"job", "instance", "namespace", "run", "layout", "split"}
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +51,7 @@ def test_prepare_shards_pushes_the_manifest_counts(
 
     samples = _pushed(pushgateway, "prepare-shards")
     assert {name for s in samples for name in s.labels} <= ALLOWED_LABELS
+    assert {s.labels["run"] for s in samples} == {"shards"}  # the dataset's folder
     for split in ("train", "val"):
         manifest = load_split(str(dest / split))
         assert _counts(samples, split) == {
@@ -86,7 +88,7 @@ def test_report_pushes_the_number_of_runs(
     assert cli(["report", "--runs", *runs, "--out", str(tmp_path / "report")]) == 0
 
     samples = _pushed(pushgateway, "report")
-    assert sample_value(samples, "ladder_siam_report_runs") == 2
+    assert sample_value(samples, "ladder_siam_report_runs", run="report") == 2
     assert {name for s in samples for name in s.labels} <= ALLOWED_LABELS
 
 
@@ -101,6 +103,9 @@ def test_the_exit_handler_records_the_outcome_and_keeps_the_last_success(
     status = record_status(str(tmp_path), "", "Weekly Run 2", "FAILED", "Task pretrain failed.")
 
     samples = _pushed(pushgateway, "pipeline")
+    # One group per namespace, not per run: each run's outcome replaces the last, so the
+    # failure alert clears on the next success of a scheduled pipeline.
+    assert {s.labels.get("run") for s in samples} == {None}
     assert sample_value(samples, "ladder_siam_pipeline_succeeded") == 0
     # A failure adds its own timestamp and leaves the last success's for "stale" alerts.
     assert sample_value(samples, "ladder_siam_job_last_success_timestamp_seconds") == succeeded_at

@@ -248,8 +248,10 @@ def record_status(
         RunFolder.of(output_uri, name).pipeline_status, json.dumps(status, indent=2) + "\n"
     )
     succeeded = state == "SUCCEEDED"
+    # Per namespace, not per run: each run's outcome replaces the last, so that the failure
+    # alert clears when the next scheduled run succeeds.
     push_job_metrics(
-        "pipeline", {"pipeline_succeeded": float(succeeded)}, run=name, success=succeeded
+        "pipeline", {"pipeline_succeeded": float(succeeded)}, run=None, success=succeeded
     )
     log = logger.info if succeeded else logger.error
     log("pipeline run %s ended %s%s", name, state, f": {error}" if error else "")

@@ -258,18 +258,19 @@ class TrainingMetrics:
         raise ValueError(f"unknown level {name!r}; expected one of {self.levels}")
 
 
-def grouping_key(run: str, labels: Mapping[str, str] | None = None) -> dict[str, str]:
+def grouping_key(run: str | None, labels: Mapping[str, str] | None = None) -> dict[str, str]:
     """The Pushgateway grouping key of a push: the namespace, the run, and ``labels``.
 
     The namespace is ``$POD_NAMESPACE`` (the pipeline sets it on every step from the pod's
-    own); outside Kubernetes there is none and the key holds the run alone.
+    own); outside Kubernetes there is none.
 
     Args:
         run: The run the metrics belong to: its name, or for a dataset-preparing step the
-            dataset's folder, which several runs share.
+            dataset's folder, which several runs share. None for a namespace-wide value that
+            each run replaces, such as the latest pipeline outcome that alerts watch.
         labels: Further low-cardinality grouping labels (a layout, a split).
     """
-    key = {"run": run, **(labels or {})}
+    key = {**({"run": run} if run is not None else {}), **(labels or {})}
     namespace = os.environ.get("POD_NAMESPACE")
     if namespace:
         key["namespace"] = namespace
@@ -279,7 +280,7 @@ def grouping_key(run: str, labels: Mapping[str, str] | None = None) -> dict[str,
 def push_job_metrics(
     job: str,
     values: Mapping[str, float],
-    run: str,
+    run: str | None,
     gateway: str | None = None,
     grouping: Mapping[str, str] | None = None,
     success: bool = True,
