@@ -62,10 +62,17 @@ def prometheus_server(
 
 @contextmanager
 def pushgateway_server(directory: Path) -> Iterator[str]:
-    """Runs a Pushgateway that keeps pushed metrics in memory; yields its URL."""
+    """Runs a Pushgateway of its own (nothing pushed elsewhere shows); yields its URL."""
     binary = require_tool(PUSHGATEWAY)
     port = free_port()
-    command = [binary, f"--web.listen-address=127.0.0.1:{port}"]
+    # Debian's build persists to /var/lib/prometheus/pushgateway.data by default, which would
+    # carry one test's groups into every later gateway.
+    persistence = directory / "pushgateway.data"
+    command = [
+        binary,
+        f"--web.listen-address=127.0.0.1:{port}",
+        f"--persistence.file={persistence}",
+    ]
     with _running(command, directory / "pushgateway.log", f"http://127.0.0.1:{port}") as url:
         yield url
 
