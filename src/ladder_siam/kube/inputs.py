@@ -114,7 +114,7 @@ class RunPlan:
 def run_name(requested: str, job_name: str) -> str:
     """The run's name: ``requested`` or, when empty, the KFP run's; a DNS-1123 label.
 
-    It names the run's folder, the PyTorchJob and the ``ladder-siam/run-id`` label, so it is
+    It names the run's folder, the training job and the ``ladder-siam/run-id`` label, so it is
     lower-cased, stripped to ``[a-z0-9-]`` and kept short enough for a job-name prefix.
     """
     name = _NOT_NAME.sub("-", (requested or job_name).lower()).strip("-")
