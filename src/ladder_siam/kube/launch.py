@@ -76,8 +76,13 @@ KINDS = {"pytorchjob": PYTORCHJOB, "trainjob": TRAINJOB}
 
 
 def build_job(config: LaunchConfig) -> dict[str, Any]:
-    """The manifest of ``config``'s job kind (:data:`KINDS`); validated first."""
-    config.validate()
+    """The manifest of ``config``'s job kind (:data:`KINDS`); its builder validates first.
+
+    Raises:
+        ValueError: A setting is invalid (the message names it).
+    """
+    if config.backend not in KINDS:
+        config.validate()  # names the unknown backend among the other checks
     return KINDS[config.backend].build(config)
 
 

@@ -34,10 +34,7 @@ def render(config: LaunchConfig) -> str:
 
 
 def launch_config_from_args(args: argparse.Namespace) -> LaunchConfig:
-    """The :class:`LaunchConfig` that ``render``'s flags describe."""
-    for flag in ("shards", "out"):
-        if not getattr(args, flag, None):
-            raise ValueError(f"--{flag}: required (the run's shards and output folder)")
+    """The :class:`LaunchConfig` that ``render``'s flags describe (checked by :func:`render`)."""
     return LaunchConfig(
         name=args.run_name,
         namespace=args.namespace,
