@@ -97,7 +97,9 @@ class GpuSampler:
 
 def end_to_end(args: argparse.Namespace, shards_uri: str, out: Path) -> dict:
     """``ladder-siam pretrain`` on the shards; steady-state numbers after the warm-up."""
-    run = out / "run"
+    # A fresh folder per measurement: a second part in the same --out (the compiled after the
+    # eager one) must train from scratch, never resume the first one's checkpoint.
+    run = Path(tempfile.mkdtemp(prefix=f"run-{args.variant}-", dir=out))
     total = args.warmup + args.steps
     command = [sys.executable, "-m", "ladder_siam.pretrain", "--shards", shards_uri]
     command += ["--out", str(run), "--method", args.method, "--workers", str(args.workers)]

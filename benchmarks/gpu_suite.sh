@@ -6,14 +6,15 @@
 #
 # Parts, in the order a short lease should spend its minutes (each compile of ResNet-50 takes
 # about 165 s on an H100, so the compiled parts come last):
-#   e2e             issue 6: pretraining from 400 px JPEG shards against the synthetic step,
+#   e2e             issue 6/19: pretraining from 400 px JPEG shards against the synthetic step,
 #                   bf16 + channels_last eager (ceiling and end to end, ~3 min with rendering)
 #   e2e-gpu-decode  the same with nvjpeg decoding on the GPU (--decode gpu)
-#   fmnist          issue 6: BYOL vs Ladder-BYOL on the 60k Fashion-MNIST images, eager bf16
-#   compiled        issue 3's open numbers: compiled BYOL and Ladder-DenseBYOL steps, then
-#                   the compiled end to end
+#   fmnist          issue 20: BYOL vs Ladder-BYOL on the 60k Fashion-MNIST images, seeds 0-2,
+#                   six arms and the control at once on the GPU, eager bf16 (~8 min, estimated)
+#   compiled        issue 19: compiled BYOL, Ladder-BYOL and Ladder-DenseBYOL steps (about
+#                   165 s of compilation each on an H100), then the compiled end to end
 #   eager-steps     the four methods' eager steps (issue 3's ratios; measured 2026-11-26)
-#   monitor         issue 14: the online monitor's cost on the ResNet-50 bf16 eager step,
+#   monitor         issue 14/19: the online monitor's cost on the ResNet-50 bf16 eager step,
 #                   BYOL and Ladder-BYOL, 100 steps holding one RankMe (about 2 min)
 #
 # Demo shards need pycocotools, which the GPU image lacks (it has prometheus-client, pyyaml,
@@ -24,6 +25,11 @@
 # The fmnist part reads Fashion-MNIST's IDX files (30 MB) from .fmnist/ (git-ignored; carry it):
 #   mkdir -p .fmnist && cp /usr/share/datasets/fashion-mnist/*.gz .fmnist/
 # A run: carry [".whl", ".fmnist"], command `OUT=$OUT bash benchmarks/gpu_suite.sh e2e fmnist`.
+#
+# GPU_SUITE_SMOKE=1 runs the same parts on this CPU at toy sizes (ResNet-18 at 32 px, a few
+# steps, 600 Fashion-MNIST images for one epoch), so that a typo cannot waste a lease:
+#   GPU_SUITE_SMOKE=1 OUT=/tmp/smoke bash benchmarks/gpu_suite.sh e2e compiled monitor fmnist
+# Every part's failure is counted and the script exits non-zero if any failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-gpu_results}"
@@ -35,9 +41,34 @@ fi
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader; nproc; python3 -c 'import torch, torchvision; print("torch", torch.__version__, "torchvision", torchvision.__version__)'; } | tee "$out/machine.txt"
 
-step() { python3 benchmarks/bench_step.py --out "$out/bench_step.jsonl" "$@" 2>&1 | tee -a "$out/bench_step.log"; }
-e2e() { python3 benchmarks/bench_e2e.py --out "$out" --data /tmp/e2e "$@" 2>&1 | tee -a "$out/bench_e2e.log"; }
+# The sizes: the issues' on a GPU, toy ones for the CPU smoke run.
+model=() e2e_size=() compiled_size=(--steps 15 --warmup 3)
+monitor_size=(--steps 100 --rank-every 100 --warmup 5)
+# Issue 20: BYOL and Ladder-BYOL x seeds 0, 1, 2 and the control, all at once on the one GPU,
+# two loader workers each; 8 epochs fit the lease (the arithmetic is in the script's header).
+fmnist_arms=(--seeds 0,1,2 --parallel 7)
+# The HTML report needs matplotlib and scipy, which a bare GPU image lacks; the summary not.
+python3 -c 'import matplotlib, scipy' 2>/dev/null || fmnist_arms+=(--no-report)
+fmnist_size=(--workers 2 --epochs "${FMNIST_EPOCHS:-8}") fmnist_out=/tmp/fmnist-gpu
+if [[ "${GPU_SUITE_SMOKE:-0}" == 1 ]]; then
+  model=(--arch resnet18 --small-input --image-size 32 --batch-size 8 --hidden-dim 64
+         --projection-dim 32)
+  e2e_size=(--images 64 --size 64 --workers 1 --steps 2 --warmup 2 --log-every 2)
+  compiled_size=(--steps 2 --warmup 1)
+  monitor_size=(--steps 2 --rank-every 2 --warmup 1 --classes 10)
+  fmnist_size=(--workers 0 --train-limit 600 --epochs 1 --batch-size 64 --probe-epochs 2
+               --analysis-count 8)
+  fmnist_out=/tmp/fmnist-smoke
+  rm -rf "$fmnist_out"
+fi
+# No part may eat the lease: each stops after this many seconds (and counts as failed). The
+# CPU smoke run is slower than any lease, so it gets an hour.
+part_seconds="${GPU_SUITE_PART_SECONDS:-540}"
+[[ "${GPU_SUITE_SMOKE:-0}" == 1 ]] && part_seconds="${GPU_SUITE_PART_SECONDS:-3600}"
+step() { timeout "$part_seconds" python3 benchmarks/bench_step.py --out "$out/bench_step.jsonl" "${model[@]}" "$@" 2>&1 | tee -a "$out/bench_step.log"; }
+e2e() { timeout "$part_seconds" python3 benchmarks/bench_e2e.py --out "$out" --data /tmp/e2e "${model[@]}" "${e2e_size[@]}" "$@" 2>&1 | tee -a "$out/bench_e2e.log"; }
 gpu_decode=(--pretrain-arg=--decode --pretrain-arg=gpu)
+failed=0
 
 for part in "${@:-e2e e2e-gpu-decode fmnist compiled}"; do
   for part in $part; do
@@ -46,18 +77,24 @@ for part in "${@:-e2e e2e-gpu-decode fmnist compiled}"; do
       e2e) e2e --variant bf16-cl ;;
       e2e-gpu-decode) e2e --variant bf16-cl "${gpu_decode[@]}" ;;
       fmnist)
-        python3 benchmarks/reproduce_fashion_mnist.py --out /tmp/fmnist-gpu --workers 12 \
+        timeout "$part_seconds" python3 benchmarks/reproduce_fashion_mnist.py \
+          --out "$fmnist_out" "${fmnist_arms[@]}" "${fmnist_size[@]}" \
           --fashion-mnist-dir "${FASHION_MNIST_DIR:-.fmnist}" \
-          --pretrain-arg=--compile --pretrain-arg=false 2>&1 | tee "$out/fmnist.log"
-        cp /tmp/fmnist-gpu/summary.json "$out/fmnist_summary.json" ;;
+          --pretrain-arg=--compile --pretrain-arg=false 2>&1 | tee "$out/fmnist.log" &&
+          cp "$fmnist_out/summary.json" "$out/fmnist_summary.json" ;;
       compiled)
-        step --variants bf16-cl-compiled --methods byol,ladder-dense-byol --steps 15 --warmup 3
-        e2e --variant bf16-cl-compiled ;;
+        step --variants bf16-cl-compiled --methods byol,ladder-byol,ladder-dense-byol \
+          "${compiled_size[@]}" && e2e --variant bf16-cl-compiled ;;
       eager-steps) step --variants bf16-cl --steps 15 --warmup 5 ;;
-      monitor)
-        step --monitor --methods byol,ladder-byol --variants bf16-cl --steps 100 \
-          --rank-every 100 --warmup 5 ;;
-      *) echo "unknown part $part" >&2 ;;
+      monitor) step --monitor --methods byol,ladder-byol --variants bf16-cl "${monitor_size[@]}" ;;
+      *) echo "unknown part $part" >&2; false ;;
     esac
+    code=$?
+    if ((code)); then
+      failed=$((failed + 1))
+      echo "== $part failed (exit $code)" | tee -a "$out/parts.log"
+    fi
   done
 done
+echo "== done $(date +%T): $failed part(s) failed" | tee -a "$out/parts.log"
+exit $((failed > 0))

@@ -1,4 +1,6 @@
-"""The report comparing this run with earlier ones."""
+"""The report comparing the run's arms (and earlier runs): is a difference real?"""
+
+# KFP reads typing.List in Input[List[Model]]; the builtin list is not a KFP type there.
 
 from kfp import dsl
 from kfp.dsl import HTML, Dataset, Input, Markdown, Metrics, Model, Output
@@ -8,17 +10,19 @@ from ladder_siam.components import IMAGE
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def report(
-    model: Input[Model],
+    models: Input[list[Model]],
     dataset: Input[Dataset],
+    methods: list,
     compare_runs: list,
-    linear_probe_metrics: Input[Metrics],
-    detection_metrics: Input[Metrics],
-    segmentation_metrics: Input[Metrics],
+    run_uri: str,
+    linear_probe_metrics: Input[list[Metrics]],
+    detection_metrics: Input[list[Metrics]],
+    segmentation_metrics: Input[list[Metrics]],
     metrics: Output[Metrics],
     markdown: Output[Markdown],
     html: Output[HTML],
 ) -> None:
-    """Writes <run>/report and the HTML/Markdown the UI shows (after all three evaluations)."""
+    """Writes <run>/report and the HTML/Markdown the UI shows (after every arm's evaluations)."""
     from ladder_siam.kube.steps import write_report
 
-    write_report(model, dataset, compare_runs, metrics, markdown, html)
+    write_report(models, dataset, methods, compare_runs, run_uri, metrics, markdown, html)

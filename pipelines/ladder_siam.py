@@ -1,13 +1,18 @@
-"""The ladder-siam pipeline: shards -> pretraining -> three evaluations in parallel -> report.
+"""The ladder-siam pipeline: shards once -> one arm per method x seed -> one report.
 
 ```
-check_inputs (uncached: validates, fingerprints the sources)
+check_inputs (uncached: validates every arm, fingerprints the sources)
    ├─► prepare_shards ×3 (pretraining, COCO, VOC; cached while their fingerprint holds)
+   ├─► plan_arms (the methods x seeds)
    ▼
-pretrain (a light launcher pod; the PyTorchJob's or TrainJob's pods hold the GPUs)
-   ├─► linear_probe ─┐
-   ├─► detection ────┼─► report
-   └─► segmentation ─┘
+ParallelFor arm (at most MAX_PARALLEL_ARMS at once):
+   pretrain (a light launcher pod; the PyTorchJob's or TrainJob's pods hold the GPUs)
+      ├─► linear_probe
+      ├─► detection
+      └─► segmentation
+   ▼ (collected from every arm)
+report (per method: mean ± s.e.; per other method: the paired difference, its 95 % interval
+        and a verdict)
 record_status (exit handler: runs whatever happened)
 ```
 
@@ -27,6 +32,7 @@ from kfp import dsl, kubernetes
 from ladder_siam.components.check_inputs import check_inputs
 from ladder_siam.components.detection import finetune_detection
 from ladder_siam.components.linear_probe import linear_probe
+from ladder_siam.components.plan_arms import plan_arms
 from ladder_siam.components.prepare_shards import prepare_shards
 from ladder_siam.components.pretrain import pretrain
 from ladder_siam.components.record_status import record_status
@@ -43,6 +49,10 @@ SETTINGS_CONFIG_MAP = "ladder-siam-settings"
 DEFAULTS = PipelineInputs()
 # A rerun of these steps is harmless: they resume, or rewrite their outputs atomically.
 RETRIES = {"num_retries": 2, "backoff_duration": "60s", "backoff_factor": 2.0}
+# Arms training at once. KFP fixes a loop's parallelism when the pipeline is compiled (it is
+# not a run parameter); GPU quota at run time is Kueue's job (cluster_queue_name): an arm's
+# training job waits in the queue, its wait shown by the launcher, until quota frees up.
+MAX_PARALLEL_ARMS = 4
 
 
 def _with_environment(task: dsl.PipelineTask) -> dsl.PipelineTask:
@@ -97,7 +107,8 @@ def ladder_siam_pipeline(
     data_max_side: int = DEFAULTS.data_max_side,
     data_prepare_workers: int = DEFAULTS.data_prepare_workers,
     pretrain_run_name: str = DEFAULTS.pretrain_run_name,
-    pretrain_method: str = DEFAULTS.pretrain_method,
+    pretrain_methods: list = DEFAULTS.pretrain_methods,
+    pretrain_seeds: list = DEFAULTS.pretrain_seeds,
     pretrain_config: str = DEFAULTS.pretrain_config,
     pretrain_arch: str = DEFAULTS.pretrain_arch,
     pretrain_epochs: int = DEFAULTS.pretrain_epochs,
@@ -122,7 +133,7 @@ def ladder_siam_pipeline(
     cluster_gpu_tolerations: list = DEFAULTS.cluster_gpu_tolerations,
     report_compare_runs: list = DEFAULTS.report_compare_runs,
 ) -> None:
-    """The whole flow for one pretraining run.
+    """Pretrains every method with every seed on the same shards, evaluates each, compares.
 
     Args:
         data_source_uri: Pretraining images, s3://bucket/prefix (an imagefolder with train/
@@ -134,9 +145,12 @@ def ladder_siam_pipeline(
         data_shard_size: Images per shard.
         data_max_side: Down-scale larger images to this side when sharding; 0 keeps sizes.
         data_prepare_workers: Processes that decode and write shards.
-        pretrain_run_name: Names the run's folder and job; empty: the KFP run's name.
-        pretrain_method: byol, ladder-byol, dense-byol, ladder-dense-byol or a level string
-            (GGGG).
+        pretrain_run_name: Names the run's folder and jobs; empty: the KFP run's name.
+        pretrain_methods: Methods to compare, the baseline first, e.g. ["byol",
+            "ladder-byol"]: byol, ladder-byol, dense-byol, ladder-dense-byol or level strings
+            (GGGG). Each is trained once per seed.
+        pretrain_seeds: Seeds, e.g. [0, 1, 2]; the same seed pairs two methods. Two or more
+            give a 95 % interval over seeds; one seed has only the test set's sampling error.
         pretrain_config: Preset in the image's configs/ (the paper's recipes); the pretrain_
             parameters override it.
         pretrain_arch: resnet18, resnet34, resnet50 or resnet101.
@@ -149,8 +163,9 @@ def ladder_siam_pipeline(
             empty: the preset's.
         pretrain_deadline_hours: Wall-clock limit of the training job; 0: none.
         eval_probe_preset: Linear-probe protocol: paper or tiny.
-        eval_detection_preset: Detection schedule: coco-1x or tiny.
-        eval_segmentation_preset: Segmentation schedule: voc, cityscapes or tiny.
+        eval_detection_preset: Detection schedule: coco-1x, tiny (CPU demo) or smoke (4
+            iterations: checks the steps run; its scores mean nothing).
+        eval_segmentation_preset: Segmentation schedule: voc, cityscapes, tiny or smoke.
         cluster_launch_backend: pytorchjob (training operator), trainjob (Kubeflow Trainer
             v2, runtime from k8s/trainer), or local (torchrun; for kfp.local runs).
         cluster_image: Image of the training pods (the steps' image is fixed at compile time).
@@ -169,8 +184,8 @@ def ladder_siam_pipeline(
             no limit.
         cluster_gpu_node_selector: Node labels the GPU pods require (A100 nodes by default).
         cluster_gpu_tolerations: Tolerations of the GPU pods (tainted GPU nodes).
-        report_compare_runs: Earlier runs' folders to compare with in the report; the first
-            is the baseline (e.g. a BYOL run).
+        report_compare_runs: Earlier runs' folders (a run's, or one arm's) listed before this
+            run's arms in the report; the first method is the baseline.
     """
     parameters = dict(locals())  # all of them, for check-inputs (first: nothing else is local)
     status = record_status(
@@ -204,37 +219,51 @@ def ladder_siam_pipeline(
             task.set_cpu_request("8").set_memory_request("32Gi").set_memory_limit("32Gi")
             datasets[name] = _with_environment(task.set_retry(**RETRIES))
 
-        # A retried launcher adopts the job this KFP run created (labelled with the run id).
-        training = pretrain(
-            dataset=datasets["pretrain"].outputs["dataset"],
+        arms = plan_arms(
             launch=plan.outputs["launch"],
-            backend=cluster_launch_backend,
-            kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+            run_uri=plan.outputs["run_uri"],
+            methods=pretrain_methods,
+            seeds=pretrain_seeds,
         )
-        training.set_display_name("pretrain").set_retry(**RETRIES)
-        training.set_cpu_request("500m").set_memory_request("1Gi").set_memory_limit("2Gi")
-        _with_environment(training)
+        arms.set_display_name("plan-arms")
+        arms.set_cpu_request("100m").set_memory_request("256Mi").set_memory_limit("512Mi")
+        _with_environment(arms)
 
-        backbone = training.outputs["model"]
-        evaluations = {}
-        for name, component, preset in (
-            ("linear-probe", linear_probe, eval_probe_preset),
-            ("detection", finetune_detection, eval_detection_preset),
-            ("segmentation", finetune_segmentation, eval_segmentation_preset),
-        ):
-            dataset = datasets["pretrain" if name == "linear-probe" else name]
-            task = component(model=backbone, dataset=dataset.outputs["dataset"], preset=preset)
-            task.set_display_name(name).set_retry(**RETRIES)
-            _on_gpu(task, cluster_gpu_node_selector, cluster_gpu_tolerations)
-            evaluations[name] = _with_environment(task)
+        with dsl.ParallelFor(arms.output, parallelism=MAX_PARALLEL_ARMS, name="arms") as arm:
+            # A retried launcher adopts only its own arm's job (named after the run and arm,
+            # labelled with this KFP run's id).
+            training = pretrain(
+                dataset=datasets["pretrain"].outputs["dataset"],
+                launch=arm.launch,
+                backend=cluster_launch_backend,
+                kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+            )
+            training.set_display_name("pretrain").set_retry(**RETRIES)
+            training.set_cpu_request("500m").set_memory_request("1Gi").set_memory_limit("2Gi")
+            _with_environment(training)
+
+            backbone = training.outputs["model"]
+            evaluations = {}
+            for name, component, preset in (
+                ("linear-probe", linear_probe, eval_probe_preset),
+                ("detection", finetune_detection, eval_detection_preset),
+                ("segmentation", finetune_segmentation, eval_segmentation_preset),
+            ):
+                dataset = datasets["pretrain" if name == "linear-probe" else name]
+                task = component(model=backbone, dataset=dataset.outputs["dataset"], preset=preset)
+                task.set_display_name(name).set_retry(**RETRIES)
+                _on_gpu(task, cluster_gpu_node_selector, cluster_gpu_tolerations)
+                evaluations[name] = _with_environment(task)
 
         summary = report(
-            model=backbone,
+            models=dsl.Collected(backbone),
             dataset=datasets["pretrain"].outputs["dataset"],
+            methods=pretrain_methods,
             compare_runs=report_compare_runs,
-            linear_probe_metrics=evaluations["linear-probe"].outputs["metrics"],
-            detection_metrics=evaluations["detection"].outputs["metrics"],
-            segmentation_metrics=evaluations["segmentation"].outputs["metrics"],
+            run_uri=plan.outputs["run_uri"],
+            linear_probe_metrics=dsl.Collected(evaluations["linear-probe"].outputs["metrics"]),
+            detection_metrics=dsl.Collected(evaluations["detection"].outputs["metrics"]),
+            segmentation_metrics=dsl.Collected(evaluations["segmentation"].outputs["metrics"]),
         )
         summary.set_display_name("report").set_retry(**RETRIES)
         summary.set_cpu_request("2").set_memory_request("8Gi").set_memory_limit("8Gi")

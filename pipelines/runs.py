@@ -18,6 +18,7 @@ import ast
 import hashlib
 import json
 import logging
+import os
 import re
 import tempfile
 import warnings
@@ -101,6 +102,13 @@ def _yaml(text: str, where: str) -> Any:
         raise ValueError(f"{where}: not valid YAML: {error}") from error
 
 
+# Parameters that changed their meaning, with what a params file should say instead.
+RENAMED = {
+    "pretrain_method": "pretrain_methods, a list with the baseline first (e.g. "
+    "pretrain_methods: [byol, ladder-byol]), trained once per seed of pretrain_seeds",
+}
+
+
 def load_params(params_file: str | None, assignments: list[str]) -> dict[str, Any]:
     """Merges ``--params FILE`` and ``--param NAME=VALUE`` and checks every name.
 
@@ -119,6 +127,9 @@ def load_params(params_file: str | None, assignments: list[str]) -> dict[str, An
         if not equals:
             raise ValueError(f"--param {assignment!r}: expected NAME=VALUE")
         params[name.strip()] = _yaml(value, f"--param {assignment!r}")
+    for old, new in RENAMED.items():
+        if old in params:
+            raise ValueError(f"{old}: replaced by {new}")
     known = parameter_names()
     unknown = sorted(set(params) - set(known))
     if unknown:
@@ -134,6 +145,9 @@ def run_local(params: dict[str, Any], pipeline_root: str) -> None:
     """
     from kfp import local
 
+    # kfp.local runs the arms' steps at once on this machine's cores: OpenMP threads that spin
+    # while they wait would take the cores from the other arms' processes.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=pipeline_root)
     with warnings.catch_warnings():
         # Expected here, so not worth a warning per step: the steps run in this Python, which

@@ -147,3 +147,25 @@ def test_a_key_that_climbs_out_of_the_run_is_refused(s3_bucket: str, tmp_path: P
     with pytest.raises(ValueError, match="unsafe relative path"):
         pull(run, str(tmp_path / "dest"))
     assert not (tmp_path / "escape.txt").exists()
+
+
+def test_a_run_with_arms_is_pulled_without_any_arms_checkpoints(tmp_path: Path) -> None:
+    run = tmp_path / "runs" / "sweep"
+    files = {
+        "arms/byol-s0/backbone.pt": b"b" * 10,
+        "arms/byol-s0/checkpoints/step-000004.pt": b"c" * 20,
+        "arms/ladder-byol-s0/backbone.pt": b"l" * 30,
+        "arms/ladder-byol-s0/checkpoints/step-000004.pt": b"d" * 40,
+        "report/summary.json": b"{}",
+    }
+    for path, data in files.items():
+        (run / path).parent.mkdir(parents=True, exist_ok=True)
+        (run / path).write_bytes(data)
+    assert pull(str(run), str(tmp_path / "all")) == [
+        "arms/byol-s0/backbone.pt", "arms/ladder-byol-s0/backbone.pt", "report/summary.json",
+    ]  # fmt: skip
+    assert pull(str(run), str(tmp_path / "backbones"), only=["arms/*/backbone.pt"]) == [
+        "arms/byol-s0/backbone.pt", "arms/ladder-byol-s0/backbone.pt",
+    ]  # fmt: skip
+    with pytest.raises(ValueError, match="add --checkpoints"):
+        pull(str(run), str(tmp_path / "none"), only=["arms/byol-s0/checkpoints/"])

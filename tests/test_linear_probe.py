@@ -28,6 +28,7 @@ from ladder_siam.prep.demo_data import make_demo_data
 from ladder_siam.prep.prepare_shards import prepare_shards
 from ladder_siam.pretrain.model import LadderSiam
 from ladder_siam.runtime import checkpoint
+from ladder_siam.runtime.per_image import read_per_image
 from ladder_siam.runtime.resume import ResumeError
 
 STAGES = ["res2", "res3", "res4", "res5"]
@@ -213,10 +214,24 @@ def test_fast_probe_end_to_end(
         assert written["scalars"][f"probe_top1_{stage}"] == result["top1"]
         assert written["scalars"][f"knn_top1_{stage}"] == result["knn_top1"]
     assert written["scalars"]["probe_top1"] == written["stages"]["res5"]["top1"]
+    # Which val images each stage got right, for a paired test against another backbone: the
+    # bits add up to the accuracies, and the labels' order identifies the images.
+    evidence = read_per_image(str(tmp_path / "fast"))
+    assert evidence is not None and evidence.images == 24
+    assert set(evidence.correct) == {
+        f"{k}_{s}" for k in ("probe_top1", "knn_top1") for s in ("res3", "res5")
+    }
+    for stage, result in written["stages"].items():
+        assert 100 * evidence.correct[f"probe_top1_{stage}"].mean() == pytest.approx(result["top1"])
+        assert 100 * evidence.correct[f"knn_top1_{stage}"].mean() == pytest.approx(
+            result["knn_top1"]
+        )
     # A rerun reads the cached features and reproduces the numbers.
     with caplog.at_level(logging.INFO, logger="ladder_siam.evals.probe.linear_probe"):
         assert linear_probe(config)["stages"] == metrics["stages"]
     assert sum("read from" in message for message in caplog.messages) == 2
+    again = read_per_image(str(tmp_path / "fast"))
+    assert again is not None and again.order == evidence.order
 
 
 @pytest.mark.parametrize(

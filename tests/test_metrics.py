@@ -284,6 +284,10 @@ def test_the_results_of_two_tenants_runs_never_overwrite_each_other(
 def test_a_run_is_named_by_its_folder_wherever_a_step_writes_in_it() -> None:
     assert run_of("s3://bucket/ladder-siam/runs/r50-ladder/eval/linear_probe") == "r50-ladder"
     assert run_of("s3://bucket/ladder-siam/runs/r50-ladder/report") == "r50-ladder"
+    # Each arm of a run is grouped on its own, so that two arms never overwrite each other.
+    arm = "s3://bucket/ladder-siam/runs/sweep/arms/byol-s1/eval/linear_probe"
+    assert run_of(arm) == "sweep/byol-s1"
+    assert run_of("s3://bucket/ladder-siam/runs/sweep/arms") == "sweep"
     assert run_of("s3://bucket/ladder-siam/datasets/imagenet-1k-0a1b2c3d4e5f") == (
         "imagenet-1k-0a1b2c3d4e5f"
     )

@@ -21,15 +21,23 @@ from ladder_siam.io import storage
 from ladder_siam.io.s3 import CREDENTIAL_VARIABLES
 from ladder_siam.kube.inputs import PipelineInputs, plan_run, pretrain_config, run_name
 from ladder_siam.kube.pytorchjob import build_pytorchjob
-from ladder_siam.kube.steps import launch_config_from_json
-from ladder_siam.pipelines.ladder_siam import SETTINGS_CONFIG_MAP, STEPS_S3_SECRET
+from ladder_siam.kube.steps import launch_config_from_json, plan_arms
+from ladder_siam.pipelines.ladder_siam import (
+    MAX_PARALLEL_ARMS,
+    SETTINGS_CONFIG_MAP,
+    STEPS_S3_SECRET,
+)
 from ladder_siam.pipelines.runs import COMPILED, run_local
 from ladder_siam.prep.demo_data import make_demo_data
 from ladder_siam.pretrain.config import config_from_args
 from ladder_siam.pretrain.train import get_args_parser
 
 REPO = Path(__file__).parents[1]
+STAGES = ("res2", "res3", "res4", "res5")
 GPU_STEPS = ("finetune-detection", "finetune-segmentation", "linear-probe")
+# The exit handler's task that loops over the arms (KFP names it).
+LOOP = "for-loop-2"
+ARM_STEPS = ("pretrain", *GPU_STEPS)
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +47,10 @@ def compiled() -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def tasks(spec: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """The tasks inside the exit handler, by name."""
-    return spec["components"]["comp-exit-handler-1"]["dag"]["tasks"]
+    """The steps inside the exit handler and inside its loop over the arms, by name."""
+    outer = spec["components"]["comp-exit-handler-1"]["dag"]["tasks"]
+    inner = spec["components"][outer[LOOP]["componentRef"]["name"]]["dag"]["tasks"]
+    return {**{name: task for name, task in outer.items() if name != LOOP}, **inner}
 
 
 def component(task: dict[str, Any]) -> str:
@@ -76,22 +86,40 @@ def test_the_yaml_is_valid_kfp_ir(compiled: tuple[dict[str, Any], dict[str, Any]
     json_format.ParseDict(list(platform)[1], pipeline_spec_pb2.PlatformSpec())
 
 
-def test_the_six_steps_run_in_order_and_the_evaluations_in_parallel(
+def test_shards_are_prepared_once_then_every_arm_trains_and_is_evaluated_then_one_report(
     compiled: tuple[dict[str, Any], dict[str, Any]],
 ) -> None:
     spec, _ = compiled
+    outer = spec["components"]["comp-exit-handler-1"]["dag"]["tasks"]
     graph = tasks(spec)
     steps = sorted(component(task) for task in graph.values())
     assert steps == sorted(
-        ["check-inputs", *["prepare-shards"] * 3, "pretrain", *GPU_STEPS, "report"]
+        ["check-inputs", *["prepare-shards"] * 3, "plan-arms", *ARM_STEPS, "report"]
     )
-    by_step = {component(task): name for name, task in graph.items()}
-    assert ancestors(graph, by_step["prepare-shards"]) == {"check-inputs"}
-    assert ancestors(graph, by_step["pretrain"]) == {"check-inputs", "prepare-shards"}
+    # Outside the loop: the inputs' check, the shards (once for every arm), the arms' plan and
+    # the report; inside it, one pretraining and three evaluations per arm.
+    assert sorted(component(outer[name]) for name in outer if name != LOOP) == sorted(
+        ["check-inputs", *["prepare-shards"] * 3, "plan-arms", "report"]
+    )
+    loop = outer[LOOP]
+    assert loop["parameterIterator"]["items"] == {
+        "inputParameter": "pipelinechannel--plan-arms-Output"
+    }
+    assert loop["iteratorPolicy"]["parallelismLimit"] == MAX_PARALLEL_ARMS
+    assert set(loop["dependentTasks"]) == {"plan-arms", "prepare-shards", "prepare-shards-2",
+                                           "prepare-shards-3"}  # fmt: skip
+    inner = {component(task): name for name, task in graph.items() if name not in outer}
+    assert set(inner) == set(ARM_STEPS)
     for step in GPU_STEPS:
-        # Each evaluation waits for pretraining and its own dataset, never for another one.
-        assert ancestors(graph, by_step[step]) == {"check-inputs", "prepare-shards", "pretrain"}
-    assert ancestors(graph, by_step["report"]) >= {"pretrain", *GPU_STEPS}
+        # Each evaluation waits for its arm's pretraining only, never for another evaluation.
+        assert graph[inner[step]]["dependentTasks"] == ["pretrain"]
+    # The report collects every arm's backbone and evaluations: it waits for the whole loop.
+    assert LOOP in outer["report"]["dependentTasks"]
+    collected = outer["report"]["inputs"]["artifacts"]
+    assert set(collected) >= {"models", "linear_probe_metrics", "detection_metrics",
+                              "segmentation_metrics"}  # fmt: skip
+    for name in ("models", "linear_probe_metrics"):
+        assert collected[name]["taskOutputArtifact"]["producerTask"] == LOOP
     # The exit handler runs whatever happened inside, and reads the final status.
     exit_task = spec["root"]["dag"]["tasks"]["record-status"]
     assert exit_task["triggerPolicy"]["strategy"] == "ALL_UPSTREAM_TASKS_COMPLETED"
@@ -202,7 +230,8 @@ def test_parameters_have_defaults_that_make_sense_in_the_ui(
         name: parameter.get("defaultValue")
         for name, parameter in spec["root"]["inputDefinitions"]["parameters"].items()
     }
-    assert defaults["pretrain_method"] == "ladder-byol" and defaults["pretrain_arch"] == "resnet50"
+    assert defaults["pretrain_methods"] == ["ladder-byol"] and defaults["pretrain_seeds"] == [0]
+    assert defaults["pretrain_arch"] == "resnet50"
     assert (
         defaults["pretrain_nodes"],
         defaults["pretrain_gpus_per_node"],
@@ -227,7 +256,8 @@ def test_parameters_have_defaults_that_make_sense_in_the_ui(
 # How KFP's IR names the type of each PipelineInputs field's annotation.
 KFP_TYPES = {
     "str": "STRING", "int": "NUMBER_INTEGER", "float": "NUMBER_DOUBLE", "bool": "BOOLEAN",
-    "list[str]": "LIST", "dict[str, str]": "STRUCT", "list[dict[str, Any]]": "LIST",
+    "list[str]": "LIST", "list[int]": "LIST", "dict[str, str]": "STRUCT",
+    "list[dict[str, Any]]": "LIST",
 }  # fmt: skip
 
 
@@ -277,7 +307,9 @@ def test_the_pretrain_step_launches_four_nodes_of_eight_gpus_that_match_the_crd(
     )
     plan = plan_run(settings, "ignored")
     assert plan.run_name == "r50-ladder-200ep"
-    launch = launch_config_from_json(plan.launch)
+    [arm] = plan_arms(plan.launch, plan.run_uri, ["ladder-byol"], [0])
+    assert (arm["name"], arm["method"], arm["seed"]) == ("ladder-byol-s0", "ladder-byol", 0)
+    launch = launch_config_from_json(arm["launch"])
     job = build_pytorchjob(launch)
 
     assert crd_errors(job) == []
@@ -287,13 +319,15 @@ def test_the_pretrain_step_launches_four_nodes_of_eight_gpus_that_match_the_crd(
     assert job["spec"]["nprocPerNode"] == "8"
     assert job["metadata"]["namespace"] == "ml-research"
     assert job["metadata"]["labels"]["ladder-siam/run-id"] == "r50-ladder-200ep"
+    assert job["metadata"]["labels"]["ladder-siam/arm"] == "ladder-byol-s0"
+    assert job["metadata"]["name"] == "ladder-siam-r50-ladder-200ep-ladder-byol-s0"
     pod = replicas["Worker"]["template"]["spec"]
     [container] = pod["containers"]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "8"
     assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB"}
     assert container["envFrom"] == [{"secretRef": {"name": "ladder-siam-s3"}}]
     # The trainer's config crosses KFP as typed data: the same config, ints still ints.
-    out = str(tmp_path / "runs" / "r50-ladder-200ep")
+    out = str(tmp_path / "runs" / "r50-ladder-200ep" / "arms" / "ladder-byol-s0")
     dest = plan.datasets["pretrain"].dest
     assert launch.pretrain == pretrain_config(settings, dest, out)
     assert (launch.pretrain.shards, launch.pretrain.out) == (dest, out)
@@ -321,7 +355,8 @@ def test_every_bad_parameter_is_reported_at_once_before_any_work(
         sources,
         tmp_path,
         data_source_uri="http://example.com/imagenet",
-        pretrain_method="simclr",
+        pretrain_methods=["simclr"],
+        pretrain_seeds=[0, 0.5],
         eval_probe_preset="huge",
         pretrain_nodes=0,
         report_compare_runs=[str(tmp_path / "no-such-run")],
@@ -333,6 +368,8 @@ def test_every_bad_parameter_is_reported_at_once_before_any_work(
         "data_source_uri 'http://",
         "eval_probe_preset 'huge'",
         "pretrain_nodes 0",
+        "method 'simclr'",
+        "pretrain_seeds: 0.5 is not an integer",
         "no-such-run",
     ):
         assert expected in message
@@ -346,8 +383,12 @@ def test_every_bad_parameter_is_reported_at_once_before_any_work(
         )
     assert "--batch-size 4096: must be divisible by world size 24" in str(error.value)
     assert "image 'ladder-siam:latest': pin a tag" in str(error.value)
-    with pytest.raises(ValueError, match="method 'simclr'"):
-        plan_run(inputs(sources, tmp_path, pretrain_method="simclr"), "job")
+    with pytest.raises(ValueError, match="'ladder-byol' and 'GGGG' are the same method"):
+        plan_run(inputs(sources, tmp_path, pretrain_methods=["ladder-byol", "GGGG"]), "job")
+    with pytest.raises(ValueError, match=r"pretrain_seeds \[1, 1\]: each seed once"):
+        plan_run(inputs(sources, tmp_path, pretrain_seeds=[1, 1]), "job")
+    with pytest.raises(ValueError, match="pretrain_methods: empty"):
+        plan_run(inputs(sources, tmp_path, pretrain_methods=[]), "job")
     with pytest.raises(ValueError, match="--sync-bn-scope 'rack': expected all or node"):
         plan_run(inputs(sources, tmp_path, pretrain_sync_bn_scope="rack"), "job")
 
@@ -404,34 +445,76 @@ def status_of(output: Path, run: str) -> dict[str, Any]:
 
 @pytest.mark.slow
 @pytest.mark.integration
-def test_the_whole_pipeline_runs_locally(demo_params: dict[str, Any], tmp_path: Path) -> None:
+def test_a_sweep_of_two_methods_and_two_seeds_runs_locally_and_compares_them(
+    demo_params: dict[str, Any], tmp_path: Path
+) -> None:
     output = tmp_path / "out"
     run_local(
-        {**demo_params, "data_output_uri": str(output), "pretrain_run_name": "tiny"},
+        {
+            **demo_params,
+            "data_output_uri": str(output),
+            "pretrain_run_name": "sweep",
+            "pretrain_methods": ["byol", "ladder-byol"],
+            "pretrain_seeds": [0, 1],
+            # Four arms: the evaluations only need to run, not to learn.
+            "eval_detection_preset": "smoke",
+            "eval_segmentation_preset": "smoke",
+        },
         str(tmp_path / "kfp"),
     )
 
-    run = output / "runs" / "tiny"
-    assert storage.exists(str(run / "backbone.pt"))
-    for evaluation in ("linear_probe", "detection", "segmentation"):
-        assert (run / "eval" / evaluation / "metrics.json").is_file(), evaluation
-    assert "Ladder" in (run / "report" / "index.html").read_text()
-    assert status_of(output, "tiny")["state"] == "SUCCEEDED"
+    run = output / "runs" / "sweep"
+    names = ["byol-s0", "byol-s1", "ladder-byol-s0", "ladder-byol-s1"]
+    assert sorted(path.name for path in (run / "arms").iterdir()) == names
+    for arm in names:
+        assert storage.exists(str(run / "arms" / arm / "backbone.pt")), arm
+        for evaluation in ("linear_probe", "detection", "segmentation"):
+            assert (run / "arms" / arm / "eval" / evaluation / "metrics.json").is_file(), arm
+    # The shards were prepared once, for every arm.
     datasets = sorted(path.name.rsplit("-", 1)[0] for path in (output / "datasets").iterdir())
     assert datasets == ["coco", "imagefolder", "voc"]
+    assert status_of(output, "sweep")["state"] == "SUCCEEDED"
 
-    # KFP's own outputs: the model and dataset point into the run, the metrics are numbers.
+    summary = json.loads((run / "report" / "summary.json").read_text())
+    arms = {(arm["method"], arm["seed"]): arm for arm in summary["arms"]}
+    assert sorted(arms) == [("byol", 0), ("byol", 1), ("ladder-byol", 0), ("ladder-byol", 1)]
+    for (method, seed), arm in arms.items():
+        assert arm["run"] == str(run / "arms" / f"{method}-s{seed}")
+        probe = json.loads(
+            (Path(arm["run"]) / "eval" / "linear_probe" / "metrics.json").read_text()
+        )
+        assert arm["metrics"]["probe_top1_res3"] == round(probe["stages"]["res3"]["top1"], 2)
+    comparisons = {entry["metric"]: entry for entry in summary["comparisons"]}
+    expected = {f"{kind}_{stage}" for kind in ("probe_top1", "knn_top1") for stage in STAGES}
+    assert set(comparisons) == expected | {"box_ap", "mask_ap", "miou"}
+    for metric, entry in comparisons.items():
+        assert (entry["method"], entry["baseline"], entry["seeds"]) == (
+            "ladder-byol",
+            "byol",
+            [0, 1],
+        )
+        pairs = [
+            arms[("ladder-byol", s)]["metrics"][metric] - arms[("byol", s)]["metrics"][metric]
+            for s in (0, 1)
+        ]
+        assert entry["difference"] == pytest.approx(sum(pairs) / 2, abs=0.011), metric
+        low, high = entry["ci95"]
+        assert low <= entry["difference"] <= high and "2 seeds" in entry["interval"], metric
+        assert entry["verdict"] in ("better", "worse", "not distinguishable at 95 %")
+    page = (run / "report" / "index.html").read_text()
+    assert "Is the difference real?" in page and "Differences from byol" in page
+
+    # KFP's own outputs: each arm's model points into its folder; the metrics are numbers.
     [kfp_run] = (tmp_path / "kfp").iterdir()
-    probe = json.loads((kfp_run / "linear-probe" / "executor_output.json").read_text())
-    probe_metrics = probe["artifacts"]["metrics"]["artifacts"][0]["metadata"]
-    assert 0 <= probe_metrics["probe_top1_res5"] <= 100
-    confusion = probe["artifacts"]["classification"]["artifacts"][0]["metadata"]["confusionMatrix"]
-    assert [category["displayName"] for category in confusion["annotationSpecs"]] == sorted(
-        path.name for path in (Path(demo_params["data_source_uri"]) / "train").iterdir()
-    )
-    pretrain = json.loads((kfp_run / "pretrain" / "executor_output.json").read_text())
-    model = pretrain["artifacts"]["model"]["artifacts"][0]["metadata"]
-    assert model["uri"] == str(run / "backbone.pt") and model["method"] == "ladder-byol"
+    models = [
+        json.loads(path.read_text())["artifacts"]["model"]["artifacts"][0]["metadata"]
+        for path in kfp_run.glob("**/pretrain*/executor_output.json")
+    ]
+    assert sorted((m["method"], m["seed"], m["arm"]) for m in models) == [
+        ("byol", 0, "byol-s0"), ("byol", 1, "byol-s1"),
+        ("ladder-byol", 0, "ladder-byol-s0"), ("ladder-byol", 1, "ladder-byol-s1"),
+    ]  # fmt: skip
+    assert all(m["uri"] == str(run / "arms" / m["arm"] / "backbone.pt") for m in models)
 
 
 @pytest.mark.integration
@@ -443,7 +526,7 @@ def test_a_bad_parameter_fails_the_run_before_any_step_and_is_recorded(
         **demo_params,
         "data_output_uri": str(output),
         "pretrain_run_name": "bad",
-        "pretrain_method": "simclr",
+        "pretrain_methods": ["simclr"],
     }
     with pytest.raises(RuntimeError, match="check-inputs"):
         run_local(params, str(tmp_path / "kfp"))

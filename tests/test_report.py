@@ -32,14 +32,16 @@ from ladder_siam.report.build import ReportConfig, build_report, make_report, wr
 from ladder_siam.report.inputs import load_runs
 from ladder_siam.report.task_correlation import correlate
 from ladder_siam.runtime import checkpoint
+from ladder_siam.runtime.per_image import PerImage, write_per_image
 
 HEADINGS = (
-    "1. Summary (Tables 1 and 2)",
-    "2. Per-stage linear probe (Table 7)",
-    "3. Training curves",
-    "4. View distances (Fig. 3)",
-    "5. Gradient maps (Fig. 4)",
-    "6. Task correlations (Fig. 5)",
+    "1. Is the difference real?",
+    "2. Summary (Tables 1 and 2)",
+    "3. Per-stage linear probe (Table 7)",
+    "4. Training curves",
+    "5. View distances (Fig. 3)",
+    "6. Gradient maps (Fig. 4)",
+    "7. Task correlations (Fig. 5)",
 )
 STAGES = ("res2", "res3", "res4", "res5")
 
@@ -128,6 +130,52 @@ PROBE_A = {"res2": 20.0, "res3": 30.0, "res4": 40.0, "res5": 60.0}
 PROBE_B = {"res2": 25.0, "res3": 33.0, "res4": 45.0, "res5": 62.5}
 
 
+def write_evidence(run: str, hits: int, images: int = 400, order: str = "val-a") -> None:
+    """Per-image results: the first ``hits`` of ``images`` right at every stage, and masks."""
+    correct = np.arange(images) < hits
+    stages = {f"{kind}_{s}": correct for kind in ("probe_top1", "knn_top1") for s in STAGES}
+    write_per_image(str(Path(run) / "eval" / "linear_probe"), PerImage(order, images, stages))
+    intersection = np.full((images, 3), 10) + correct[:, None] * 5
+    counts = {"miou": {"intersection": intersection, "union": np.full((images, 3), 20)}}
+    write_per_image(
+        str(Path(run) / "eval" / "segmentation"), PerImage(order, images, counts=counts)
+    )
+
+
+def test_one_seed_gets_the_test_sets_own_interval_where_it_is_exact(tmp_path: Path) -> None:
+    # The metrics the evaluations wrote, and the per-image results behind them.
+    byol = write_run(tmp_path / "byol", "byol", dict.fromkeys(STAGES, 50.0), 30.0, 62.5, {})
+    ladder = write_run(tmp_path / "ladder", "ladder-byol", dict.fromkeys(STAGES, 65.0), 31.0,
+                       66.25, {})  # fmt: skip
+    write_evidence(byol, hits=200)  # 50 % right; mIoU 62.5
+    write_evidence(ladder, hits=260)  # 65 %: 60 more of 400 images right; mIoU 66.25
+    summary = build_report(ReportConfig(runs=[byol, ladder], out=str(tmp_path / "r"))).summary
+    assert [(a["method"], a["seed"]) for a in summary["arms"]] == [("byol", 0), ("ladder-byol", 0)]
+    entries = {e["metric"]: e for e in summary["comparisons"]}
+    # The accuracies: an exact paired interval on the 60 discordant images, all one way.
+    probe = entries["probe_top1_res3"]
+    assert probe["difference"] == 15.0 and "McNemar" in probe["interval"]
+    low, high = probe["ci95"]
+    assert 10 < low < 15 == high and probe["verdict"] == "better"
+    # mIoU: a paired bootstrap over images; mAP: nothing exact, and the page says so.
+    miou = entries["miou"]
+    assert miou["difference"] == 3.75 and "bootstrap" in miou["interval"]
+    assert miou["ci95"][0] < 3.75 < miou["ci95"][1]
+    assert entries["box_ap"]["ci95"] is None
+    assert entries["box_ap"]["verdict"] == "one seed: no interval"
+    assert summary["scalars"]["ladder-byol_minus_byol_box_ap"] == 1.0
+
+    # Per-image results that do not reproduce the metrics (stale), or were scored on other
+    # images: nothing to pair, so no interval rather than a wrong one.
+    write_evidence(ladder, hits=250)
+    write_evidence(byol, hits=200, order="val-b")
+    summary = build_report(ReportConfig(runs=[byol, ladder], out=str(tmp_path / "r2"))).summary
+    assert {e["metric"]: e["ci95"] for e in summary["comparisons"]}["probe_top1_res3"] is None
+    write_evidence(byol, hits=200)
+    summary = build_report(ReportConfig(runs=[byol, ladder], out=str(tmp_path / "r3"))).summary
+    assert {e["metric"]: e["ci95"] for e in summary["comparisons"]}["probe_top1_res3"] is None
+
+
 @pytest.mark.slow
 def test_report_of_two_runs_has_every_section_and_marks_what_did_not_run(
     tmp_path: Path, backbone_state: dict[str, torch.Tensor], shards: str
@@ -146,9 +194,9 @@ def test_report_of_two_runs_has_every_section_and_marks_what_did_not_run(
     assert page.count('<td class="not-run">not run</td>') == 3
     assert "needs at least 3 runs, 2 given" in page
     embedded = re.findall(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
-    # probe bars, online probe / RankMe / projector RankMe per stage, 13 curves (loss,
-    # 4 levels, lr, tau, img/s, wait, 4 std), violins, 2 grids
-    assert len(embedded) == 1 + 3 + 13 + 1 + 2
+    # per-method bars, probe bars, online probe / RankMe / projector RankMe per stage, 13
+    # curves (loss, 4 levels, lr, tau, img/s, wait, 4 std), violins, 2 grids
+    assert len(embedded) == 1 + 1 + 3 + 13 + 1 + 2
     assert "Online monitor, last logged values" in page
     assert Image.open(io.BytesIO(base64.b64decode(embedded[-1]))).format == "PNG"
     assert not re.search(r'(src|href)="(https?:)?//', page), "the page makes no requests"

@@ -37,7 +37,9 @@ from ladder_siam.nets.backbone_file import load_backbone
 from ladder_siam.prep.demo_data import make_demo_data
 from ladder_siam.prep.prepare_shards import prepare_shards
 from ladder_siam.pretrain.model import LadderSiam
+from ladder_siam.report.statistics import mean_iou
 from ladder_siam.runtime.checkpoint import checkpoint_uri
+from ladder_siam.runtime.per_image import read_per_image
 from ladder_siam.runtime.train_log import read_train_log
 
 CLASSES = ["background", "a", "b", "c", "d"]
@@ -268,6 +270,12 @@ def test_finetune_writes_metrics_and_resumes_exactly(
     for name in ("mIoU", "pixel_accuracy", "mean_accuracy"):
         assert 0 <= written[name] <= 100 and written["scalars"][name] == written[name]
     assert written["pixel_accuracy"] > 0
+    # Per image and class, the pixel counts behind the mIoU: summed, they give it exactly.
+    evidence = read_per_image(out)
+    assert evidence is not None and evidence.images > 1
+    counts = evidence.counts["miou"]
+    assert counts["intersection"].shape == counts["union"].shape == (evidence.images, len(classes))
+    assert mean_iou(counts["intersection"], counts["union"]) == pytest.approx(written["mIoU"])
     # Interrupt after iteration 2: drop the final checkpoint and rerun.
     final = torch.load(checkpoint_uri(out, 4), weights_only=True)["model"]
     Path(checkpoint_uri(out, 4)).unlink()

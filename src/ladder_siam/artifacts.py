@@ -76,6 +76,11 @@ def _matches(path: str, pattern: str) -> bool:
     return path == pattern or path.startswith(folder) or fnmatch.fnmatchcase(path, pattern)
 
 
+def _in_checkpoints(path: str) -> bool:
+    # A run's own checkpoints/ and each arm's (arms/<arm>/checkpoints/).
+    return CHECKPOINTS in path.split("/")[:-1]
+
+
 def _top_level(files: Sequence[RunFile]) -> str:
     names = {f.path.split("/", 1)[0] + ("/" if "/" in f.path else "") for f in files}
     return ", ".join(sorted(names))
@@ -90,7 +95,7 @@ def select(
         files: The run's files, from :func:`list_run`.
         run_uri: The run's folder, named in errors.
         only: Relative paths, folder prefixes (``eval/``) or globs; empty means every file.
-        checkpoints: Whether ``checkpoints/`` is included.
+        checkpoints: Whether ``checkpoints/`` folders (the run's, each arm's) are included.
 
     Returns:
         The selected files, in the order of ``files``.
@@ -98,7 +103,7 @@ def select(
     Raises:
         ValueError: A pattern of ``only`` matches no file that would be fetched.
     """
-    wanted = [f for f in files if checkpoints or not f.path.startswith(f"{CHECKPOINTS}/")]
+    wanted = [f for f in files if checkpoints or not _in_checkpoints(f.path)]
     if not only:
         return wanted
     for pattern in only:

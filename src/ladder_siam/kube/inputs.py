@@ -17,12 +17,14 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from ladder_siam import IMAGE
 from ladder_siam.io import storage
 from ladder_siam.io.uri import SUPPORTED, scheme_problem
+from ladder_siam.kube.arms import arm_launch, method_problems, seeds_of
 from ladder_siam.kube.launch_config import BACKENDS as JOB_BACKENDS
 from ladder_siam.kube.launch_config import LaunchConfig
 from ladder_siam.prep.sources import LAYOUTS
@@ -61,7 +63,8 @@ class PipelineInputs:
     data_max_side: int = 0
     data_prepare_workers: int = 8
     pretrain_run_name: str = ""
-    pretrain_method: str = "ladder-byol"
+    pretrain_methods: list[str] = field(default_factory=lambda: ["ladder-byol"])
+    pretrain_seeds: list[int] = field(default_factory=lambda: [0])
     pretrain_config: str = "configs/ladder-byol_r50_in1k_200ep.yaml"
     pretrain_arch: str = "resnet50"
     pretrain_epochs: int = 200
@@ -181,7 +184,12 @@ def validate(inputs: PipelineInputs, job_name: str) -> list[str]:
     if inputs.pretrain_config and not Path(inputs.pretrain_config).is_file():
         problems.append(f"pretrain_config {inputs.pretrain_config!r}: no such preset file")
     problems += _preset_problems(inputs)
-    problems += [f"report_compare_runs: {uri}: no backbone.json" for uri in _missing_runs(inputs)]
+    problems += method_problems(list(inputs.pretrain_methods))
+    try:
+        seeds = seeds_of(list(inputs.pretrain_seeds))
+    except ValueError as error:
+        problems.append(str(error))
+    problems += [f"report_compare_runs: {problem}" for problem in _compare_run_problems(inputs)]
     if problems:
         return problems
     try:
@@ -190,20 +198,20 @@ def validate(inputs: PipelineInputs, job_name: str) -> list[str]:
         return [str(error)]
     out = RunFolder.of(inputs.data_output_uri, name).uri
     world_size = inputs.pretrain_nodes * inputs.pretrain_gpus_per_node
-    # The trainer's and the launcher's own checks, on the settings they will be given.
+    # The trainer's and the launcher's own checks, on the settings every arm will be given.
     try:
-        pretrain = pretrain_config(inputs, "validate://", out)
+        base = launch_config(inputs, name, pretrain_config(inputs, "validate://", out))
     except ValueError as error:
         return [*problems, str(error)]
-    for check in (
-        lambda: pretrain.validate(world_size),
-        lambda: launch_config(inputs, name, pretrain).validate(),
-    ):
-        try:
-            check()
-        except ValueError as error:
-            problems.append(str(error))
-    return problems
+    for method in inputs.pretrain_methods:
+        for seed in seeds:
+            arm = arm_launch(base, out, method, seed)
+            for check in (partial(arm.pretrain.validate, world_size), arm.validate):
+                try:
+                    check()
+                except ValueError as error:
+                    problems.append(str(error))
+    return list(dict.fromkeys(problems))
 
 
 def plan_run(inputs: PipelineInputs, job_name: str) -> RunPlan:
@@ -276,22 +284,29 @@ def _preset_problems(inputs: PipelineInputs) -> list[str]:
     ]
 
 
-def _missing_runs(inputs: PipelineInputs) -> list[str]:
+def _compare_run_problems(inputs: PipelineInputs) -> list[str]:
+    from ladder_siam.report.inputs import arms_of_run
+
     return [
-        uri
+        f"{uri}: neither a run (backbone.json) nor a pipeline run (arms/*/backbone.json)"
         for uri in inputs.report_compare_runs
-        if _uri_problem(uri) is None and not storage.exists(RunFolder(uri).backbone_info)
+        if _uri_problem(uri) is None
+        and not storage.exists(RunFolder(uri).backbone_info)
+        and not arms_of_run(uri)
     ]
 
 
 def pretrain_config(inputs: PipelineInputs, shards: str, out: str) -> PretrainConfig:
     """The trainer's config: the preset file, overridden by the pipeline's parameters.
 
+    It is the first method's; :func:`~ladder_siam.kube.arms.arm_launch` sets each arm's
+    method, seed and folder.
+
     Raises:
         ValueError: The preset cannot be read, or holds an unknown or mistyped setting.
     """
     overrides: dict[str, Any] = {
-        "shards": shards, "out": out, "method": inputs.pretrain_method,
+        "shards": shards, "out": out, "method": inputs.pretrain_methods[0],
         "arch": inputs.pretrain_arch, "epochs": inputs.pretrain_epochs,
         "batch_size": inputs.pretrain_batch_size,
     }  # fmt: skip
@@ -301,7 +316,7 @@ def pretrain_config(inputs: PipelineInputs, shards: str, out: str) -> PretrainCo
 
 
 def launch_config(inputs: PipelineInputs, name: str, pretrain: PretrainConfig) -> LaunchConfig:
-    """The job settings of a run; the job is named after the run."""
+    """The job settings of a run; :func:`~ladder_siam.kube.arms.arm_launch` makes each arm's."""
     local = inputs.cluster_launch_backend == "local"
     deadline = round(inputs.pretrain_deadline_hours * 3600) or None
     return LaunchConfig(

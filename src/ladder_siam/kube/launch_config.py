@@ -22,6 +22,8 @@ BACKENDS = ("pytorchjob", "trainjob")
 MANAGED_BY = "ladder-siam"
 RUN_ID_LABEL = "ladder-siam/run-id"
 METHOD_LABEL = "ladder-siam/method"
+# The arm (a method and a seed) of a run that compares several.
+ARM_LABEL = "ladder-siam/arm"
 # The KFP run that created the job: a retried launcher adopts only its own run's job.
 OWNER_LABEL = "ladder-siam/kfp-run-id"
 ISTIO_INJECT = "sidecar.istio.io/inject"
@@ -53,6 +55,8 @@ class LaunchConfig:
         namespace: Kubernetes namespace of the job.
         image: Container image pinned to a tag other than ``latest`` or to a ``sha256`` digest.
         run_id: Run identifier, the ``ladder-siam/run-id`` label.
+        arm: The run's arm this job trains (``<method>-s<seed>``), the ``ladder-siam/arm``
+            label; empty for a job launched by hand.
         pretrain: The trainer's whole config, passed to every pod as ``--config-json``; its
             method labels the pods and its metrics port is declared on the container.
         backend: ``pytorchjob`` or ``trainjob`` (see :data:`BACKENDS`).
@@ -92,6 +96,7 @@ class LaunchConfig:
     namespace: str
     image: str
     run_id: str
+    arm: str = ""
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     backend: str = "pytorchjob"
     owner: str = ""
@@ -135,6 +140,7 @@ class LaunchConfig:
                 f"{label} {value!r}: a label value (alphanumerics, '-', '_', '.', ≤ 63)",
             )
         _check(_label_value(self.owner), f"owner {self.owner!r}: not a label value")
+        _check(_label_value(self.arm), f"arm {self.arm!r}: not a label value")
         for key, value in self.node_selector.items():
             _check(_label_value(value), f"node_selector {key}={value!r}: not a label value")
         _check(self.nodes >= 1, f"nodes {self.nodes}: at least 1")
@@ -189,6 +195,8 @@ class LaunchConfig:
             RUN_ID_LABEL: self.run_id,
             METHOD_LABEL: self.pretrain.method,
         }
+        if self.arm:
+            labels[ARM_LABEL] = self.arm
         if self.owner:
             labels[OWNER_LABEL] = self.owner
         return labels

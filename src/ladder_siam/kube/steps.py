@@ -21,6 +21,7 @@ import time
 from typing import Any, Protocol
 
 from ladder_siam.io import storage
+from ladder_siam.kube.arms import plan_arms as plan_arms_of
 from ladder_siam.kube.inputs import PipelineInputs, RunPlan, plan_run, run_name
 from ladder_siam.kube.launch_config import LaunchConfig
 from ladder_siam.runtime.metrics import push_job_metrics
@@ -106,6 +107,16 @@ def prepare_dataset(
         metrics.log_metric(f"{split}_skipped", summary.num_skipped)
 
 
+def plan_arms(launch: str, run_uri: str, methods: list[str], seeds: list[Any]) -> list[dict]:
+    """The run's arms (every method x seed) for the pipeline's loop, as plain dicts.
+
+    ``check-inputs`` has validated every arm already; see :func:`ladder_siam.kube.arms.plan_arms`.
+    """
+    arms = plan_arms_of(launch_config_from_json(launch), run_uri, methods, seeds)
+    logger.info("%d arms: %s", len(arms), ", ".join(arm.name for arm in arms))
+    return [dataclasses.asdict(arm) for arm in arms]
+
+
 def launch_config_from_json(text: str) -> LaunchConfig:
     """Rebuilds the :class:`LaunchConfig` that ``check-inputs`` handed over as JSON.
 
@@ -149,8 +160,9 @@ def pretrain(
     info_text = storage.read_text(run.backbone_info)
     storage.write_text(model.path, info_text)
     model.metadata.update(
-        uri=run.backbone, run_uri=run.uri, run_id=config.run_id, **json.loads(info_text)
-    )
+        uri=run.backbone, run_uri=run.uri, run_id=config.run_id, arm=config.arm,
+        **json.loads(info_text),
+    )  # fmt: skip
     last = read_train_log(run.uri)[-1]
     for key, value in last.items():
         if key.startswith(("loss", "std_")) or key in ("step", "epoch", "images_per_second"):
@@ -203,26 +215,42 @@ def finetune_segmentation(
 
 
 def write_report(
-    model: Artifact,
+    models: list[Artifact],
     dataset: Artifact,
+    methods: list[str],
     compare_runs: list[str],
+    run_uri: str,
     metrics: MetricsArtifact,
     markdown: Artifact,
     html: Artifact,
 ) -> None:
-    """The report on this run (after ``compare_runs``, the first being the baseline).
+    """The report comparing this run's arms (after ``compare_runs``; the first is the baseline).
 
     Written to ``<run>/report`` and into the KFP ``Markdown`` and ``HTML`` artifacts the UI
     shows; its numbers go into ``metrics``. The analyses (view distances, gradient maps) use
     the pretraining dataset's val split.
+
+    Args:
+        models: Every arm's backbone (collected from the pipeline's loop, in any order).
+        dataset: The pretraining shards.
+        methods: The run's methods, the baseline first: the report lists the arms in this
+            order, then by seed.
+        compare_runs: Earlier runs: arm folders, or whole runs whose arms are all added.
+        run_uri: This run's folder; the report goes to its ``report/``.
+        metrics: Output: the report's flat numbers.
+        markdown: Output: the report as one Markdown file.
+        html: Output: the self-contained page.
     """
     from ladder_siam.report.build import ReportConfig, make_report, write_kfp_outputs
 
-    run = RunFolder(model.metadata["run_uri"])
+    arms = sorted(
+        models,
+        key=lambda model: (methods.index(model.metadata["method"]), model.metadata["seed"]),
+    )
     report = make_report(
         ReportConfig(
-            runs=[*compare_runs, run.uri],
-            out=run.report,
+            runs=[*compare_runs, *(model.metadata["run_uri"] for model in arms)],
+            out=RunFolder(run_uri).report,
             analysis_images=storage.join(dataset.metadata["uri"], "val"),
         )
     )

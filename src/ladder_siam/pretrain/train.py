@@ -276,6 +276,7 @@ def export_backbone(trainer: Trainer) -> str:
             "small_input": config.small_input,
             "method": config.method,
             "levels": config.levels,
+            "seed": config.seed,
             "step": trainer.step,
         }
         storage.write_text(run.backbone_info, json.dumps(description, indent=2) + "\n")

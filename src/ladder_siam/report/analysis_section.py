@@ -28,8 +28,8 @@ from ladder_siam.report.inputs import RunResults
 
 logger = logging.getLogger(__name__)
 
-VIEW_TITLE = "4. View distances (Fig. 3)"
-GRADIENT_TITLE = "5. Gradient maps (Fig. 4)"
+VIEW_TITLE = "5. View distances (Fig. 3)"
+GRADIENT_TITLE = "6. Gradient maps (Fig. 4)"
 # Crop sides when none is given: the paper's 224 px, or 64 px for backbones with the
 # small-input stem (trained on 32-64 px images; at 224 px their res2 would be 224 x 224).
 DEFAULT_SIZE = 224

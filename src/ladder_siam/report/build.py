@@ -1,11 +1,14 @@
 """``ladder-siam report``: one HTML/Markdown report comparing pretraining runs.
 
-It reproduces the paper's analyses on our runs: the headline table (Tables 1 and 2), per-stage
+It answers first whether each method beats the baseline (the first run's method) on each
+stage and task, with a 95 % interval and a verdict (:mod:`~ladder_siam.report.comparisons`),
+then reproduces the paper's analyses on our runs: the headline table (Tables 1 and 2), per-stage
 probes (Table 7), training curves, view distances (Fig. 3), gradient maps (Fig. 4) and the
 correlation between tasks (Fig. 5). Whatever a run lacks is shown as "not run".
 
 Under ``--out`` it writes ``index.html`` (self-contained), ``report.md`` with the PNGs beside
-it, and ``summary.json`` (the numbers, with a flat ``scalars`` dict for KFP Metrics).
+it, and ``summary.json`` (the numbers: ``arms``, ``comparisons``, and a flat ``scalars`` dict
+for KFP Metrics).
 :func:`write_kfp_outputs` writes the same to a KFP component's output artifacts.
 """
 
@@ -23,8 +26,9 @@ from ladder_siam.data.manifest import load_split
 from ladder_siam.io import storage
 from ladder_siam.nets.archs import STAGES
 from ladder_siam.report.analysis_section import AnalysisSettings, analysis_sections
+from ladder_siam.report.comparison_section import compare, comparison_section
 from ladder_siam.report.html import Section, figure_data_uri, figures, render_html, render_markdown
-from ladder_siam.report.inputs import HEADLINE, load_runs
+from ladder_siam.report.inputs import HEADLINE, expand_runs, load_runs
 from ladder_siam.report.sections import (
     correlation_section,
     curves_section,
@@ -117,6 +121,9 @@ def scalars(summary: dict[str, Any]) -> dict[str, float]:
         for kind, per_stage in run["online_monitor"].items():
             for stage, value in per_stage.items():
                 flat[f"{prefix}_online_{kind}_{stage}"] = float(value)
+    for entry in summary["comparisons"]:
+        name = f"{_slug(entry['method'])}_minus_{_slug(entry['baseline'])}_{entry['metric']}"
+        flat[name] = entry["difference"]
     for name, per_stage in (summary["analysis"]["view_distance"] or {}).items():
         for stage, stats in per_stage.items():
             flat[f"{_slug(name)}_view_distance_{stage}"] = stats["median"]
@@ -130,7 +137,7 @@ def build_report(config: ReportConfig) -> Report:
         ValueError: A bad setting, an unreadable run or image split (before the analyses).
     """
     config.validate()
-    runs = load_runs(config.runs, config.names)
+    runs = load_runs(expand_runs(config.runs), config.names)
     if config.analysis_images is not None:
         load_split(config.analysis_images, "val")  # a wrong URI fails before any work
     summaries = run_summaries(runs)
@@ -143,7 +150,9 @@ def build_report(config: ReportConfig) -> Report:
     )
     analyses, analysis_summary = analysis_sections(runs, settings)
     correlation, correlations = correlation_section(runs)
+    arms, comparisons = compare(runs)
     sections = [
+        comparison_section(arms, comparisons),
         summary_section(runs, summaries),
         probe_section(runs),
         curves_section(runs),
@@ -154,6 +163,8 @@ def build_report(config: ReportConfig) -> Report:
         "title": TITLE,
         "stages": list(STAGES),
         "runs": summaries,
+        "arms": [arm.as_dict() for arm in arms],
+        "comparisons": comparisons,
         "analysis": analysis_summary,
         "correlations": [dataclasses.asdict(c) for c in correlations],
         "sections": [section.title for section in sections],
@@ -205,8 +216,9 @@ def get_args_parser() -> argparse.ArgumentParser:
         nargs="+",
         required=True,
         metavar="URI",
-        help="Pretraining runs' output folders (backbone.pt, train_log.jsonl, eval/*); the "
-        "first is the baseline the deltas are computed against.",
+        help="Pretraining runs' output folders (backbone.pt, train_log.jsonl, eval/*), or "
+        "pipeline runs' folders (each of their arms); the first run's method is the baseline "
+        "the differences are computed against, and runs with the same seed are paired.",
     )
     parser.add_argument(
         "--out",

@@ -27,7 +27,10 @@ def _png(figure: Figure) -> bytes:
 
 
 def grouped_bars(
-    panels: dict[str, dict[str, dict[str, float | None]]], categories: Sequence[str], ylabel: str
+    panels: dict[str, dict[str, dict[str, float | None]]],
+    categories: Sequence[str],
+    ylabel: str,
+    errors: dict[str, dict[str, dict[str, float | None]]] | None = None,
 ) -> bytes:
     """Side-by-side panels of grouped bars: per category (stage), one bar per run.
 
@@ -35,6 +38,7 @@ def grouped_bars(
         panels: Panel title -> run -> category -> value (None: no bar).
         categories: The x-axis groups, in order.
         ylabel: The y-axis label.
+        errors: Like ``panels``: each bar's error bar half-height (None: none).
     """
     figure = Figure(figsize=(5 * len(panels), 3.5))
     for index, (title, runs) in enumerate(panels.items()):
@@ -43,7 +47,12 @@ def grouped_bars(
         positions = np.arange(len(categories))
         for offset, (run, values) in enumerate(runs.items()):
             heights = [np.nan if values.get(c) is None else values[c] for c in categories]
-            axes.bar(positions + offset * width - 0.4 + width / 2, heights, width, label=run)
+            spread = (errors or {}).get(title, {}).get(run, {})
+            yerr = [np.nan if spread.get(c) is None else spread[c] for c in categories]
+            axes.bar(
+                positions + offset * width - 0.4 + width / 2, heights, width, label=run,
+                yerr=None if all(np.isnan(yerr)) else yerr, capsize=3,
+            )  # fmt: skip
         axes.set_xticks(positions, list(categories))
         axes.set_title(title)
         axes.set_ylabel(ylabel)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ladder_siam.io import storage
-from ladder_siam.runtime.run_folder import EVALUATIONS, TRAIN_LOG, RunFolder
+from ladder_siam.runtime.run_folder import ARMS, BACKBONE_INFO, EVALUATIONS, TRAIN_LOG, RunFolder
 from ladder_siam.runtime.train_log import read_train_log
 
 logger = logging.getLogger(__name__)
@@ -41,6 +41,9 @@ class RunResults:
     Attributes:
         name: The run's label in tables and legends.
         uri: The run's output folder.
+        method: Its pretraining method (``backbone.json``; else its name).
+        seed: Its pretraining seed (``backbone.json``; 0 for runs from before seeds were
+            recorded, the only seed the pipeline used then).
         backbone_info: ``backbone.json`` (arch, small_input, method, levels, step).
         backbone_uri: ``backbone.pt`` if it exists.
         train_log: The records of ``train_log.jsonl``.
@@ -49,6 +52,8 @@ class RunResults:
 
     name: str
     uri: str
+    method: str
+    seed: int
     backbone_info: dict[str, Any] | None
     backbone_uri: str | None
     train_log: list[dict[str, Any]]
@@ -114,17 +119,43 @@ def load_run(uri: str, name: str | None = None) -> RunResults:
             "eval/*/metrics.json); is this a pretraining run's --out?"
         )
     default = (info or {}).get("method") or uri.rstrip("/").rsplit("/", 1)[-1]
+    if info is not None and "seed" in info:
+        default = f"{default} s{info['seed']}"
     missing = [evaluation for evaluation, data in evaluations.items() if data is None]
     if missing:
         logger.info("%s: not run: %s", uri, ", ".join(missing))
     return RunResults(
         name=name or str(default),
         uri=uri,
+        method=str((info or {}).get("method") or name or default),
+        seed=int((info or {}).get("seed", 0)),
         backbone_info=info,
         backbone_uri=backbone if has_backbone else None,
         train_log=train_log,
         evaluations=evaluations,
     )
+
+
+def arms_of_run(uri: str) -> list[str]:
+    """The arm folders of a pipeline run (``<run>/arms/*/backbone.json``), in name order."""
+    folder = storage.join(uri, ARMS)
+    depth = storage.join(folder, "arm", BACKBONE_INFO).count("/")
+    if not storage.is_s3(folder) and not storage.local_path(folder).is_dir():
+        return []
+    return sorted(
+        info.uri.removesuffix("/" + BACKBONE_INFO)
+        for info in storage.list_files(folder)
+        if info.uri.endswith("/" + BACKBONE_INFO) and info.uri.count("/") == depth
+    )
+
+
+def expand_runs(uris: list[str]) -> list[str]:
+    """Run folders as the report reads them: a pipeline run's folder becomes its arms.
+
+    A folder with ``arms/*/backbone.json`` stands for each of those arms; any other folder
+    is one run (an arm, or a run of ``ladder-siam pretrain``).
+    """
+    return [arm for uri in uris for arm in (arms_of_run(uri) or [uri])]
 
 
 def load_runs(uris: list[str], names: list[str] | None = None) -> list[RunResults]:

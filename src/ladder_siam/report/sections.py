@@ -112,7 +112,7 @@ def summary_section(runs: list[RunResults], summaries: list[dict[str, Any]]) -> 
         for row in paper_reference.TABLE_2
     ]
     return Section(
-        "1. Summary (Tables 1 and 2)",
+        "2. Summary (Tables 1 and 2)",
         [
             Paragraph(
                 f"Headline metrics of each run and their difference from the first run "
@@ -176,7 +176,7 @@ def probe_section(runs: list[RunResults]) -> Section:
         Table(["method", *STAGES], reference, "Paper, Table 7: ImageNet linear probe per stage")
     )
     blocks += online_monitor_blocks(runs)
-    return Section("2. Per-stage linear probe (Table 7)", blocks)
+    return Section("3. Per-stage linear probe (Table 7)", blocks)
 
 
 def _curve_fields(runs: list[RunResults]) -> list[tuple[str, str]]:
@@ -203,7 +203,7 @@ def curves_section(runs: list[RunResults]) -> Section:
         log_y = key.startswith("loss") and all(min(y) > 0 for _, y in series.values())
         png = report_figures.line_chart(series, title, "step", key, log_y=log_y)
         blocks.append(Figure(f"curve_{key}.png", png, title))
-    return Section("3. Training curves", blocks)
+    return Section("4. Training curves", blocks)
 
 
 def correlation_metrics(runs: list[RunResults]) -> dict[str, list[float | None]]:
@@ -216,7 +216,7 @@ def correlation_metrics(runs: list[RunResults]) -> dict[str, list[float | None]]
 
 def correlation_section(runs: list[RunResults]) -> tuple[Section, list[Correlation]]:
     """Section 6: Pearson r between tasks over runs, Bonferroni-corrected (Fig. 5)."""
-    title = "6. Task correlations (Fig. 5)"
+    title = "7. Task correlations (Fig. 5)"
     if len(runs) < MIN_RUNS:
         note = f"{NOT_RUN}: needs at least {MIN_RUNS} runs, {len(runs)} given."
         return Section(title, [Paragraph(note, note=True)]), []

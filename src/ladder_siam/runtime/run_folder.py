@@ -1,13 +1,16 @@
 """The run folder: where every file of a pretraining run and of its evaluations lives.
 
-One pipeline output URI holds the datasets it prepared and one folder per run::
+One pipeline output URI holds the datasets it prepared and one folder per pipeline run. A
+run trains one *arm* per method and seed; each arm's folder is a pretraining run folder of its
+own (what ``ladder-siam pretrain --out`` writes)::
 
     OUTPUT/datasets/<source>-<fingerprint>/       shards and manifests (prepare-shards)
     OUTPUT/runs/<run>/
-        backbone.pt, backbone.json                the exported online backbone and its arch
-        train_log.jsonl                           one line per logging interval
-        checkpoints/step-000123.pt                atomic; the newest that loads is resumed
-        eval/<evaluation>/metrics.json            with the evaluation's own log and checkpoints
+        arms/<method>-s<seed>/                    one arm:
+            backbone.pt, backbone.json            the exported online backbone and its arch
+            train_log.jsonl                       one line per logging interval
+            checkpoints/step-000123.pt            atomic; the newest that loads is resumed
+            eval/<evaluation>/metrics.json        with the evaluation's own log and checkpoints
         report/                                   index.html, report.md, PNGs, summary.json
         pipeline_status.json                      written by the pipeline's exit handler
 
@@ -22,6 +25,7 @@ from ladder_siam.io import storage
 
 DATASETS = "datasets"
 RUNS = "runs"
+ARMS = "arms"
 BACKBONE = "backbone.pt"
 BACKBONE_INFO = "backbone.json"
 TRAIN_LOG = "train_log.jsonl"
@@ -35,14 +39,19 @@ EVALUATIONS = ("linear_probe", "detection", "segmentation")
 
 
 def run_of(uri: str) -> str:
-    """The name of the run whose folder holds ``uri`` (``.../runs/<run>/...``).
+    """The run whose folder holds ``uri``: ``<run>`` or, inside an arm, ``<run>/<arm>``.
 
     A folder outside any run folder (an evaluation run by hand with ``--out``) is its own
     run: its last path component.
     """
     parts = uri.rstrip("/").split("/")
     after_runs = [i + 1 for i, part in enumerate(parts[:-1]) if part == RUNS]
-    return parts[after_runs[-1]] if after_runs else parts[-1]
+    if not after_runs:
+        return parts[-1]
+    run = after_runs[-1]
+    if len(parts) > run + 2 and parts[run + 1] == ARMS:
+        return f"{parts[run]}/{parts[run + 2]}"
+    return parts[run]
 
 
 def metrics_uri(out: str) -> str:
@@ -60,6 +69,10 @@ class RunFolder:
     def of(cls, output_uri: str, run_name: str) -> RunFolder:
         """The folder of run ``run_name`` under a pipeline's output URI."""
         return cls(storage.join(output_uri, RUNS, run_name))
+
+    def arm(self, name: str) -> RunFolder:
+        """The folder of one arm (a method and a seed) of this run."""
+        return RunFolder(storage.join(self.uri, ARMS, name))
 
     @property
     def backbone(self) -> str:

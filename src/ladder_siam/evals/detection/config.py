@@ -165,13 +165,20 @@ PRESETS: dict[str, dict[str, Any]] = {
         "checkpoint_every": 20,
     },
 }
+# tiny's shapes for a few iterations: proves the step runs end to end (a new cluster, a
+# pipeline test of many arms); its scores mean nothing.
+PRESETS["smoke"] = {
+    **PRESETS["tiny"], "iterations": 4, "warmup_iterations": 1, "lr_steps": (3,),
+    "log_every": 2, "checkpoint_every": 2,
+}  # fmt: skip
 
 HELP = {
     "backbone": "backbone.pt of a pretraining run (a torchvision ResNet state_dict)",
     "train": "COCO-layout training shards: a dataset URI (its train split) or a split URI",
     "val": "COCO-layout evaluation shards: a dataset URI (its val split) or a split URI",
     "out": "output URI: metrics.json and checkpoints/",
-    "preset": "recipe: coco-1x (default; the paper's Mask R-CNN 1x schedule) or tiny (CPU demo)",
+    "preset": "recipe: coco-1x (default; the paper's Mask R-CNN 1x schedule), tiny (CPU demo) "
+    "or smoke (4 iterations: checks the step runs end to end)",
     "arch": "the architecture the backbone must be (checked before training); default: any",
     "iterations": "optimizer steps (1x: 90k)",
     "batch_size": "images per step over all GPUs (1x: 16, two per GPU on eight GPUs)",

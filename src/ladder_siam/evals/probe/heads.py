@@ -172,6 +172,8 @@ def evaluate_heads(
 ) -> dict[str, dict[str, Any]]:
     """Top-1 and top-5 accuracy in percent of every stage's head, ``{stage: {"top1", "top5"}}``.
 
+    Each stage also gets ``"correct"``: a boolean tensor, per image, of the top-1 hits.
+
     With at most ``confusion_max_classes`` classes, each stage also gets ``"confusion"``: the
     confusion matrix as lists (rows: true class, columns: predicted), which KFP's UI draws.
     """
@@ -189,6 +191,10 @@ def evaluate_heads(
             continue
         stage_logits = torch.cat(parts)
         results[stage] = dict(topk_accuracy(stage_logits, labels))
+        # Per image, for a paired test between two backbones scored on the same images.
+        results[stage]["correct"] = (
+            stage_logits.argmax(dim=1) == labels.to(stage_logits.device)
+        ).cpu()
         classes = stage_logits.shape[1]
         if classes <= confusion_max_classes:
             pairs = labels.to(stage_logits.device) * classes + stage_logits.argmax(dim=1)

@@ -71,6 +71,22 @@ def knn_top1(
     chunk: int = 4096,
 ) -> float:
     """Top-1 accuracy in percent of the weighted kNN classifier (see :func:`knn_scores`)."""
+    correct = knn_correct(
+        train_features, train_labels, queries, query_labels, num_classes, k, temperature, chunk
+    )
+    return 100.0 * correct.sum().item() / max(len(query_labels), 1)
+
+
+def knn_correct(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    queries: torch.Tensor,
+    query_labels: torch.Tensor,
+    num_classes: int,
+    k: int = 20,
+    temperature: float = 0.07,
+    chunk: int = 4096,
+) -> torch.Tensor:
+    """Per query, whether the weighted kNN classifier's top-1 is right (a bool tensor)."""
     scores = knn_scores(train_features, train_labels, queries, num_classes, k, temperature, chunk)
-    correct = (scores.argmax(dim=1) == query_labels.to(scores.device)).sum().item()
-    return 100.0 * correct / max(len(query_labels), 1)
+    return scores.argmax(dim=1) == query_labels.to(scores.device)

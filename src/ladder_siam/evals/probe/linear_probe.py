@@ -32,13 +32,14 @@ from ladder_siam.evals.probe.features import (
     extract_features,
 )
 from ladder_siam.evals.probe.heads import evaluate_heads, train_heads
-from ladder_siam.evals.probe.knn import knn_top1
+from ladder_siam.evals.probe.knn import knn_correct
 from ladder_siam.evals.probe.standard import run_standard
 from ladder_siam.io import storage
 from ladder_siam.nets.backbone_file import BackboneInfo, load_backbone
 from ladder_siam.runtime import distributed, resume
 from ladder_siam.runtime.metrics import push_job_metrics
 from ladder_siam.runtime.optim import scaled_lr
+from ladder_siam.runtime.per_image import PerImage, order_digest, write_per_image
 from ladder_siam.runtime.run_folder import metrics_uri, run_of
 
 logger = logging.getLogger(__name__)
@@ -135,11 +136,25 @@ def run_fast(
     )  # fmt: skip
     results = evaluate_heads(heads, val_set.features, val_set.labels)
     for stage, result in results.items():
-        result["knn_top1"] = knn_top1(
+        correct = knn_correct(
             train_set.features[stage], train_set.labels, val_set.features[stage],
             val_set.labels, num_classes, config.knn_k, config.knn_temperature, config.knn_chunk,
-        )  # fmt: skip
+        ).cpu()  # fmt: skip
+        result["knn_top1"] = 100.0 * correct.sum().item() / max(len(correct), 1)
+        result["knn_correct"] = correct
+    write_per_image(config.out, per_image_evidence(results, val_set.labels))
     return results
+
+
+def per_image_evidence(results: dict[str, dict[str, Any]], labels: torch.Tensor) -> PerImage:
+    """Which val images each stage's probe and kNN got right, keyed like the scalars."""
+    correct = {}
+    for stage, result in results.items():
+        correct[f"probe_top1_{stage}"] = result["correct"].numpy()
+        if "knn_correct" in result:
+            correct[f"knn_top1_{stage}"] = result["knn_correct"].numpy()
+    order = order_digest(labels.cpu().numpy())
+    return PerImage(order, len(labels), correct)
 
 
 def build_metrics(
@@ -152,8 +167,9 @@ def build_metrics(
     """The ``metrics.json`` document: stage results, ``scalars`` for KFP, confusion matrices."""
     scalars: dict[str, float] = {}
     # The confusion matrices go beside the stages' numbers, which stay flat for the report.
+    per_image = ("confusion", "correct", "knn_correct")
     stages = {
-        stage: {key: value for key, value in result.items() if key != "confusion"}
+        stage: {key: value for key, value in result.items() if key not in per_image}
         for stage, result in results.items()
     }
     confusion = {stage: r["confusion"] for stage, r in results.items() if "confusion" in r}

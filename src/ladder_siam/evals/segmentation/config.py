@@ -143,13 +143,18 @@ PRESETS: dict[str, dict[str, Any]] = {
         "buffer_size": 100, "log_every": 10, "checkpoint_every": 20,
     },
 }  # fmt: skip
+# tiny's shapes for a few iterations: proves the step runs end to end (a new cluster, a
+# pipeline test of many arms); its scores mean nothing.
+PRESETS["smoke"] = {**PRESETS["tiny"], "iterations": 4, "log_every": 2, "checkpoint_every": 2}
+
 
 HELP = {
     "backbone": "backbone.pt to finetune (a torchvision ResNet state_dict)",
     "train": "training shards (voc layout): a dataset URI (its train split) or a split URI",
     "val": "evaluation shards (voc layout): a dataset URI (its val split) or a split URI",
     "out": "output URI: metrics.json, train_log.jsonl, checkpoints/",
-    "preset": "voc (512 px, 20k it), cityscapes (769 px, 40k it, slide eval) or tiny (CPU demo); "
+    "preset": "voc (512 px, 20k it), cityscapes (769 px, 40k it, slide eval), tiny (CPU demo) "
+    "or smoke (4 iterations: checks the step runs end to end); "
     "flags override it",
     "arch": "expected backbone arch; the run fails before training if backbone.pt differs",
     "iterations": "training iterations (mmseg's schedules are iteration-based)",

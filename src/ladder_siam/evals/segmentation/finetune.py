@@ -45,12 +45,13 @@ from ladder_siam.evals.segmentation.config import (
 from ladder_siam.evals.segmentation.data import SegmentationTrainTransform, normalize_images
 from ladder_siam.evals.segmentation.miou import SegmentationScores
 from ladder_siam.evals.segmentation.model import FCN, dilate_resnet
-from ladder_siam.evals.segmentation.scoring import evaluate
+from ladder_siam.evals.segmentation.scoring import evaluate, per_image_counts
 from ladder_siam.io import storage
 from ladder_siam.nets.backbone_file import BackboneInfo, load_backbone
 from ladder_siam.runtime import distributed, resume
 from ladder_siam.runtime.health import FiniteCheck
 from ladder_siam.runtime.metrics import push_job_metrics
+from ladder_siam.runtime.per_image import write_per_image
 from ladder_siam.runtime.progress import Progress
 from ladder_siam.runtime.run_folder import metrics_uri, run_of
 from ladder_siam.runtime.train_log import TrainLog
@@ -272,9 +273,13 @@ def _run(config: SegmentationConfig, env: distributed.DistributedEnv) -> dict[st
     )  # fmt: skip
     model.train()
     train(run, dataset)
-    scores = evaluate(model, val_split, config, env)
+    # Per-image counts only from a single process: ranks score disjoint shares of the split.
+    matrices: list[torch.Tensor] | None = [] if env.world_size == 1 else None
+    scores = evaluate(model, val_split, config, env, matrices)
     metrics = _metrics(config, info, scores)
     if env.is_main:
+        if matrices:
+            write_per_image(config.out, per_image_counts(matrices))
         storage.write_text(metrics_uri(config.out), json.dumps(metrics, indent=2))
         logger.info(
             "segmentation %s: mIoU %.2f, pixel accuracy %.2f, mean accuracy %.2f (%s)",

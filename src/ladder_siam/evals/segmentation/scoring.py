@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 
 from ladder_siam.data.manifest import SplitManifest
@@ -21,6 +22,7 @@ from ladder_siam.evals.segmentation.data import SegmentationEvalTransform, norma
 from ladder_siam.evals.segmentation.miou import ConfusionMatrix, SegmentationScores
 from ladder_siam.evals.segmentation.model import FCN, slide_inference, whole_inference
 from ladder_siam.runtime.distributed import DistributedEnv
+from ladder_siam.runtime.per_image import PerImage, order_digest
 from ladder_siam.runtime.progress import Progress
 
 logger = logging.getLogger(__name__)
@@ -39,12 +41,24 @@ def _same_size_groups(
 
 @torch.no_grad()
 def evaluate(
-    model: FCN, split: SplitManifest, config: SegmentationConfig, env: DistributedEnv
+    model: FCN,
+    split: SplitManifest,
+    config: SegmentationConfig,
+    env: DistributedEnv,
+    per_image: list[torch.Tensor] | None = None,
 ) -> SegmentationScores:
     """Scores the model on every sample of ``split``, each predicted once over all ranks.
 
     Logits are predicted on the resized image (whole or sliding-window) and resized back to
     the mask's original size before the arg-max, as mmseg scores at the original resolution.
+
+    Args:
+        model: The finetuned FCN.
+        split: The val split.
+        config: The evaluation's settings.
+        env: The process group (each rank scores its share).
+        per_image: If given, receives this rank's per-image confusion matrices (``[C, C]``
+            each, in reading order), for a paired bootstrap between two backbones.
 
     Raises:
         ValueError: The split has no labelled pixel, so no score is defined.
@@ -72,9 +86,35 @@ def evaluate(
                 else:
                     logits = whole_inference(predict, pixels)
                 logits = model.resize(logits, masks.shape[-2:])
-                matrix.update(logits.argmax(dim=1), masks.to(env.device))
+                predictions, masks = logits.argmax(dim=1), masks.to(env.device)
+                matrix.update(predictions, masks)
+                if per_image is not None:
+                    per_image += [
+                        image_matrix(num_classes, prediction, mask)
+                        for prediction, mask in zip(predictions, masks, strict=True)
+                    ]
             bar.update(len(batch))
     matrix.all_reduce()
     if int(matrix.matrix.sum()) == 0:
         raise ValueError(f"{split.location}: no labelled pixels to score")
     return matrix.scores(split.classes)
+
+
+def image_matrix(num_classes: int, prediction: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """One image's confusion matrix, on the CPU."""
+    single = ConfusionMatrix(num_classes, device=prediction.device)
+    single.update(prediction, mask)
+    return single.matrix.cpu()
+
+
+def per_image_counts(matrices: list[torch.Tensor]) -> PerImage:
+    """Per image and class: intersection and union pixels, for ``miou``'s paired bootstrap.
+
+    The images' order is identified by their ground truth (each image's pixels per class),
+    which two backbones scored on the same split share and no other split does.
+    """
+    stacked = torch.stack(matrices).numpy()  # [images, truth, predicted]
+    intersection = np.diagonal(stacked, axis1=1, axis2=2)
+    truth, predicted = stacked.sum(axis=2), stacked.sum(axis=1)
+    counts = {"intersection": intersection, "union": truth + predicted - intersection}
+    return PerImage(order_digest(truth), len(matrices), counts={"miou": counts})
