@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -95,11 +96,12 @@ class GpuSampler:
             self.process.terminate()
 
 
-def end_to_end(args: argparse.Namespace, shards_uri: str, out: Path) -> dict:
+def end_to_end(args: argparse.Namespace, shards_uri: str) -> dict:
     """``ladder-siam pretrain`` on the shards; steady-state numbers after the warm-up."""
     # A fresh folder per measurement: a second part in the same --out (the compiled after the
-    # eager one) must train from scratch, never resume the first one's checkpoint.
-    run = Path(tempfile.mkdtemp(prefix=f"run-{args.variant}-", dir=out))
+    # eager one) must train from scratch, never resume the first one's checkpoint. It lives
+    # beside the shards, not in --out, whose files come back from a lent GPU machine.
+    run = Path(tempfile.mkdtemp(prefix=f"run-{args.variant}-", dir=args.data))
     total = args.warmup + args.steps
     command = [sys.executable, "-m", "ladder_siam.pretrain", "--shards", shards_uri]
     command += ["--out", str(run), "--method", args.method, "--workers", str(args.workers)]
@@ -112,6 +114,7 @@ def end_to_end(args: argparse.Namespace, shards_uri: str, out: Path) -> dict:
     finally:
         sampler.stop()
     log = read_train_log(str(run))
+    shutil.rmtree(run)
     # The first intervals hold compilation and the loader's start; the rest is steady.
     steady = [record for record in log if record["step"] > args.warmup]
     if not steady:
@@ -163,7 +166,7 @@ def main() -> None:
 
     shards_uri = shards(Path(args.data), args.images, args.size)
     top = ceiling(args, out)
-    e2e = end_to_end(args, shards_uri, out)
+    e2e = end_to_end(args, shards_uri)
     result = {
         "method": args.method, "variant": args.variant, "arch": args.arch,
         "batch_size": args.batch_size, "workers": args.workers, "extra": args.pretrain_arg,

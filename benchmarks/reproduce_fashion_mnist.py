@@ -75,10 +75,14 @@ import torchvision
 import yaml
 
 import ladder_siam
+from ladder_siam.kube.arms import arm_name
+from ladder_siam.nets.archs import STAGES
 from ladder_siam.prep.fashion_mnist import CLASS_NAMES
+from ladder_siam.pretrain.levels import METHODS
 from ladder_siam.report.comparisons import (
     STAGE_METRICS,
     Arm,
+    OneSeedIntervals,
     compare_arms,
     format_difference,
     format_mean,
@@ -90,11 +94,11 @@ from ladder_siam.runtime.train_log import read_train_log
 REPO = Path(__file__).resolve().parents[1]
 GPU_PRESET = REPO / "configs" / "fashion_mnist_r18.yaml"
 CPU_PRESET = REPO / "configs" / "fashion_mnist_r18_cpu.yaml"
-STAGES = ("res2", "res3", "res4", "res5")
 # The control row: a backbone after one BYOL step, i.e. nearly its random initialisation.
 # Random features are strong on Fashion-MNIST; a trained run must beat them to mean anything.
 CONTROL = "init-1step"
-METHODS = ("byol", "ladder-byol", "dense-byol", "ladder-dense-byol")
+# The arms live as those of one pipeline run: a report reads them as one comparison.
+RUN = "fashion-mnist"
 LABELS = {
     "byol": "BYOL",
     "ladder-byol": "Ladder-BYOL",
@@ -180,7 +184,7 @@ def run_arm(
 
     The probe's seed is fixed: the arms differ only in their pretraining (method and seed).
     """
-    run = args.out / "runs" / name
+    run = arm_folder(args, name)
     how = {"log": args.out / "logs" / f"{name}.log", "threads": args.threads}
     limit = ["--max-steps", max_steps] if max_steps else []
     pretrain = cli(
@@ -195,6 +199,16 @@ def run_arm(
     print(f"arm {name} done: pretrain {pretrain:.0f} s, probe {seconds['probe_seconds']:.0f} s",
           flush=True)  # fmt: skip
     return seconds
+
+
+def arm_folder(args: argparse.Namespace, name: str) -> Path:
+    """An arm's folder, laid out as a pipeline run's (``runs/<run>/arms/<arm>``).
+
+    The control is a run of its own beside it: it is no arm of the comparison.
+    """
+    if name == CONTROL:
+        return Path(RunFolder.of(str(args.out), f"{RUN}-{CONTROL}").uri)
+    return Path(RunFolder.of(str(args.out), RUN).arm(name).uri)
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -432,7 +446,7 @@ def main() -> None:
 
     # 2-3. The arms (pretraining, then the probe) and the control row, --parallel at once.
     # Only --method and --seed differ between the arms.
-    plan = {f"{m}-seed{seed}": (m, seed) for seed in args.seeds for m in args.methods}
+    plan = {arm_name(m, seed): (m, seed) for seed in args.seeds for m in args.methods}
     with ThreadPoolExecutor(max_workers=args.parallel) as pool:
         control_job = pool.submit(
             run_arm, CONTROL, "byol", args.seeds[0], shards, preset, args, max_steps=1
@@ -451,7 +465,7 @@ def main() -> None:
     distances: dict[str, Any] = {}
     if args.report:
         timings["report"] = cli(
-            "report", "--runs", *(out / "runs" / name for name in first),
+            "report", "--runs", *(arm_folder(args, name) for name in first),
             "--names", *(f"{LABELS[m]} s{args.seeds[0]}" for m in first.values()),
             "--out", report, "--analysis-images", shards / "val",
             "--analysis-count", args.analysis_count,
@@ -463,13 +477,19 @@ def main() -> None:
     wall = time.perf_counter() - start
     common = {"train_images": train_images, "test_images": test_images}
     arms = [
-        collect(name, m, seed, out / "runs" / name, distances, {**common, **seconds[name]})
+        collect(name, m, seed, arm_folder(args, name), distances, {**common, **seconds[name]})
         for name, (m, seed) in plan.items()
     ]
     control = collect(
-        CONTROL, "byol", args.seeds[0], out / "runs" / CONTROL, {}, {**common, **seconds[CONTROL]}
+        CONTROL,
+        "byol",
+        args.seeds[0],
+        arm_folder(args, CONTROL),
+        {},
+        {**common, **seconds[CONTROL]},
     )
-    comparisons = compare_arms(arms, STAGE_METRICS)
+    # With one seed, the probe's per-image results give the test set's exact interval.
+    comparisons = compare_arms(arms, STAGE_METRICS, OneSeedIntervals())
     settings = {
         "preset": str(args.config), **common, "train_limit": args.train_limit,
         "epochs": args.epochs, "batch_size": args.batch_size, "image_size": preset["image_size"],

@@ -1,7 +1,5 @@
 """The report comparing the run's arms (and earlier runs): is a difference real?"""
 
-# KFP reads typing.List in Input[List[Model]]; the builtin list is not a KFP type there.
-
 from kfp import dsl
 from kfp.dsl import HTML, Dataset, Input, Markdown, Metrics, Model, Output
 

@@ -11,7 +11,13 @@ from test_launch import launch_config
 
 from ladder_siam.kube.arms import JOB_NAME_CHARS, arm_name, job_name, plan_arms
 from ladder_siam.kube.launch import Launcher
-from ladder_siam.kube.launch_config import ARM_LABEL, OWNER_LABEL, LaunchConfig
+from ladder_siam.kube.launch_config import (
+    ARM_LABEL,
+    METHOD_LABEL,
+    OWNER_LABEL,
+    LaunchConfig,
+    method_label,
+)
 from ladder_siam.kube.pytorchjob import build_pytorchjob
 from ladder_siam.pipelines.runs import load_params
 from ladder_siam.runtime.run_folder import run_of
@@ -71,6 +77,7 @@ def test_job_names_stay_short_enough_for_the_operators_service_names() -> None:
         (["byol"], [1, 1], "each seed once"),
         (["byol"], [-1], "0 or more"),
         (["byol"], ["zero"], "'zero' is not an integer"),
+        (["byol"], [float("inf")], "inf is not an integer"),
     ],
 )
 def test_bad_method_or_seed_lists_are_named(methods: list, seeds: list, message: str) -> None:
@@ -107,3 +114,12 @@ def test_a_params_file_with_the_old_single_method_names_its_replacement(tmp_path
         "pretrain_methods": ["byol", "ladder-byol"],
         "pretrain_seeds": [0, 1],
     }
+
+
+def test_a_level_string_method_labels_its_pods_with_a_valid_label() -> None:
+    [config] = arms(["-GGG"], [0])
+    assert config.arm == "ggg-s0" and config.pretrain.method == "-GGG"
+    job = build_pytorchjob(config)
+    assert crd_errors(job) == []
+    assert job["metadata"]["labels"][METHOD_LABEL] == "levels-_GGG"
+    assert method_label("ladder-byol") == "ladder-byol" and method_label("DDGG") == "DDGG"

@@ -5,6 +5,7 @@ from scipy import stats
 
 from ladder_siam.report.comparisons import (
     NO_INTERVAL,
+    NO_SPREAD,
     Arm,
     compare_arms,
     format_difference,
@@ -95,3 +96,24 @@ def test_method_means_give_mean_and_standard_error_over_seeds():
     assert table["byol"]["absent"] is None
     assert format_mean(table["byol"]["m"]) == "72.00 ± 1.15"
     assert format_mean(table["ladder-byol"]["m"]) == "71.00"
+
+
+def test_the_same_difference_on_every_seed_gets_no_zero_width_interval():
+    # mAP moves in coarse steps: two seeds can agree exactly, which proves nothing.
+    arms = [arm("byol", s, m=30.0) for s in (0, 1)] + [
+        arm("ladder-byol", s, m=30.5) for s in (0, 1)
+    ]
+    [entry] = compare_arms(arms, ["m"])
+    assert entry["difference"] == 0.5
+    assert entry["ci95"] is None and entry["verdict"] == NO_SPREAD
+    # No difference at all on every seed (both at 0 mAP): nothing to tell apart.
+    same = [arm("byol", s, m=0.0) for s in (0, 1)] + [arm("ladder-byol", s, m=0.0) for s in (0, 1)]
+    [entry] = compare_arms(same, ["m"])
+    assert entry["ci95"] == [0.0, 0.0] and entry["verdict"].startswith("not distinguishable")
+
+
+def test_the_verdict_reads_the_interval_as_shown():
+    arms = [arm("byol", 0, m=50.0), arm("ladder-byol", 0, m=50.004)]
+    # Rounded to 2 decimals, the low end is 0.00: the page must not say "better" beside it.
+    [entry] = compare_arms(arms, ["m"], lambda *_: Interval(0.004, 0.001, 0.008, "exact"))
+    assert entry["ci95"] == [0.0, 0.01] and entry["verdict"].startswith("not distinguishable")

@@ -20,7 +20,7 @@ from ladder_siam.data.manifest import load_split
 from ladder_siam.evals.probe.config import PRESETS, ProbeConfig
 from ladder_siam.evals.probe.features import EvalTransform, PooledStages, extract_features
 from ladder_siam.evals.probe.heads import evaluate_heads, topk_accuracy, train_heads
-from ladder_siam.evals.probe.knn import knn_scores, knn_top1
+from ladder_siam.evals.probe.knn import knn_correct, knn_scores
 from ladder_siam.evals.probe.linear_probe import linear_probe
 from ladder_siam.nets.backbone_file import load_backbone
 from ladder_siam.nets.backbones import torchvision_resnet
@@ -131,9 +131,8 @@ def test_knn_matches_brute_force(chunk: int) -> None:
     assert torch.equal(scores.argmax(dim=1), expected)
     torch.testing.assert_close(scores, votes, rtol=1e-5, atol=0)
     accuracy = 100.0 * (expected == query_labels).float().mean().item()
-    assert knn_top1(train, train_labels, queries, query_labels, 5, chunk=chunk) == pytest.approx(
-        accuracy
-    )
+    correct = knn_correct(train, train_labels, queries, query_labels, 5, chunk=chunk)
+    assert 100.0 * correct.float().mean().item() == pytest.approx(accuracy)
     # k larger than the training set: every sample votes.
     everything = knn_scores(train[:5], train_labels[:5], queries, 5, k=20, chunk=chunk)
     torch.testing.assert_close(

@@ -31,6 +31,7 @@ from ladder_siam.pipelines.runs import COMPILED, run_local
 from ladder_siam.prep.demo_data import make_demo_data
 from ladder_siam.pretrain.config import config_from_args
 from ladder_siam.pretrain.train import get_args_parser
+from ladder_siam.report.comparisons import NO_SPREAD
 
 REPO = Path(__file__).parents[1]
 STAGES = ("res2", "res3", "res4", "res5")
@@ -466,6 +467,8 @@ def test_a_sweep_of_two_methods_and_two_seeds_runs_locally_and_compares_them(
     run = output / "runs" / "sweep"
     names = ["byol-s0", "byol-s1", "ladder-byol-s0", "ladder-byol-s1"]
     assert sorted(path.name for path in (run / "arms").iterdir()) == names
+    # The plan's order (methods as listed, then seeds) for whoever reads the folder later.
+    assert json.loads((run / "arms.json").read_text()) == names
     for arm in names:
         assert storage.exists(str(run / "arms" / arm / "backbone.pt")), arm
         for evaluation in ("linear_probe", "detection", "segmentation"):
@@ -498,6 +501,10 @@ def test_a_sweep_of_two_methods_and_two_seeds_runs_locally_and_compares_them(
             for s in (0, 1)
         ]
         assert entry["difference"] == pytest.approx(sum(pairs) / 2, abs=0.011), metric
+        if len(set(pairs)) == 1 and pairs[0] != 0:
+            # The same nonzero difference on both seeds: no spread to build an interval from.
+            assert entry["ci95"] is None and entry["verdict"] == NO_SPREAD, metric
+            continue
         low, high = entry["ci95"]
         assert low <= entry["difference"] <= high and "2 seeds" in entry["interval"], metric
         assert entry["verdict"] in ("better", "worse", "not distinguishable at 95 %")

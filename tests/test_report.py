@@ -29,7 +29,7 @@ from ladder_siam.report.analysis import (
     view_distances,
 )
 from ladder_siam.report.build import ReportConfig, build_report, make_report, write_kfp_outputs
-from ladder_siam.report.inputs import load_runs
+from ladder_siam.report.inputs import expand_runs, load_runs
 from ladder_siam.report.task_correlation import correlate
 from ladder_siam.runtime import checkpoint
 from ladder_siam.runtime.per_image import PerImage, write_per_image
@@ -174,6 +174,42 @@ def test_one_seed_gets_the_test_sets_own_interval_where_it_is_exact(tmp_path: Pa
     write_evidence(byol, hits=200)
     summary = build_report(ReportConfig(runs=[byol, ladder], out=str(tmp_path / "r3"))).summary
     assert {e["metric"]: e["ci95"] for e in summary["comparisons"]}["probe_top1_res3"] is None
+
+
+def test_a_pipeline_runs_folder_is_its_arms_in_its_order_and_runs_are_never_pooled(
+    tmp_path: Path,
+) -> None:
+    runs = tmp_path / "runs"
+    sweep = runs / "sweep"
+    for method, seed, value in (("ladder-byol", 0, 31.0), ("byol", 0, 30.0), ("byol", 1, 32.0),
+                                ("ladder-byol", 1, 34.0)):  # fmt: skip
+        write_run(sweep / "arms" / f"{method}-s{seed}", method, {"res5": value}, backbone={})
+        info = json.loads((sweep / "arms" / f"{method}-s{seed}" / "backbone.json").read_text())
+        (sweep / "arms" / f"{method}-s{seed}" / "backbone.json").write_text(
+            json.dumps({**info, "seed": seed})
+        )
+    # The run's own order (byol first), not the names' (ladder-byol-s0 would sort after).
+    (sweep / "arms.json").write_text(json.dumps(["byol-s0", "byol-s1", "ladder-byol-s0",
+                                                 "ladder-byol-s1"]))  # fmt: skip
+    assert expand_runs([str(sweep)]) == [
+        str(sweep / "arms" / name) for name in ("byol-s0", "byol-s1", "ladder-byol-s0",
+                                                "ladder-byol-s1")
+    ]  # fmt: skip
+    summary = build_report(ReportConfig(runs=[str(sweep)], out=str(tmp_path / "r"))).summary
+    [entry] = [e for e in summary["comparisons"] if e["metric"] == "probe_top1_res5"]
+    assert (entry["method"], entry["baseline"], entry["seeds"]) == ("ladder-byol", "byol", [0, 1])
+    assert entry["difference"] == 1.5  # (31 - 30 + 34 - 32) / 2, paired by seed
+
+    # An earlier run's byol joins, labelled by its run: it is never pooled with this run's.
+    write_run(runs / "old" / "arms" / "byol-s0", "byol", {"res5": 10.0}, backbone={})
+    summary = build_report(
+        ReportConfig(runs=[str(runs / "old"), str(sweep)], out=str(tmp_path / "r2"))
+    ).summary
+    methods = [(a["method"], a["seed"]) for a in summary["arms"]]
+    assert methods[0] == ("byol (old)", 0) and ("byol (sweep)", 1) in methods
+    assert {e["baseline"] for e in summary["comparisons"]} == {"byol (old)"}
+    with pytest.raises(ValueError, match="is a pipeline run of 4 arms"):
+        build_report(ReportConfig(runs=[str(sweep)], out=str(tmp_path / "r3"), names=["x"]))
 
 
 @pytest.mark.slow

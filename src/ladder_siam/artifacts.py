@@ -95,7 +95,8 @@ def select(
         files: The run's files, from :func:`list_run`.
         run_uri: The run's folder, named in errors.
         only: Relative paths, folder prefixes (``eval/``) or globs; empty means every file.
-        checkpoints: Whether ``checkpoints/`` folders (the run's, each arm's) are included.
+        checkpoints: Whether ``checkpoints/`` folders are included: the run's, each arm's and
+            each evaluation's (they resume training; the results do not need them).
 
     Returns:
         The selected files, in the order of ``files``.

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -23,7 +24,9 @@ from ladder_siam.runtime.run_folder import RunFolder
 # most 63 characters: the job name keeps 11 characters for that suffix.
 JOB_NAME_CHARS = 52
 _HASH_CHARS = 6
-_NOT_NAME = re.compile(r"[^a-z0-9-]+")
+# What a Kubernetes name (and so a run's or an arm's) cannot hold.
+NOT_NAME = re.compile(r"[^a-z0-9-]+")
+JOB_PREFIX = "ladder-siam-"
 
 
 @dataclass(frozen=True)
@@ -45,12 +48,15 @@ class ArmPlan:
 
 def arm_name(method: str, seed: int) -> str:
     """The arm's folder and label: ``ladder-byol-s0``, or ``gg-g-s1`` for a level string."""
-    return f"{_NOT_NAME.sub('-', method.lower()).strip('-')}-s{seed}"
+    return f"{NOT_NAME.sub('-', method.lower()).strip('-')}-s{seed}"
 
 
 def job_name(run: str, arm: str) -> str:
-    """The arm's training job: ``ladder-siam-<run>-<arm>``, shortened with a hash if long."""
-    name = f"ladder-siam-{run}-{arm}"
+    """The training job's name: ``ladder-siam-<run>-<arm>``, shortened with a hash if long.
+
+    Without an arm (a job launched by hand), ``ladder-siam-<run>``.
+    """
+    name = f"{JOB_PREFIX}{run}-{arm}" if arm else f"{JOB_PREFIX}{run}"
     if len(name) <= JOB_NAME_CHARS:
         return name
     digest = hashlib.sha256(name.encode()).hexdigest()[:_HASH_CHARS]
@@ -87,7 +93,8 @@ def seeds_of(seeds: list[Any]) -> list[int]:
         raise ValueError("pretrain_seeds: empty; give at least one seed, e.g. [0]")
     values = []
     for seed in seeds:
-        if isinstance(seed, bool) or not isinstance(seed, int | float) or seed != int(seed):
+        number = isinstance(seed, int | float) and not isinstance(seed, bool)
+        if not number or not math.isfinite(seed) or seed != int(seed):
             raise ValueError(f"pretrain_seeds: {seed!r} is not an integer")
         if seed < 0:
             raise ValueError(f"pretrain_seeds: {seed!r}: 0 or more")

@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import re
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -24,7 +23,7 @@ from typing import Any
 from ladder_siam import IMAGE
 from ladder_siam.io import storage
 from ladder_siam.io.uri import SUPPORTED, scheme_problem
-from ladder_siam.kube.arms import arm_launch, method_problems, seeds_of
+from ladder_siam.kube.arms import NOT_NAME, arm_launch, job_name, method_problems, seeds_of
 from ladder_siam.kube.launch_config import BACKENDS as JOB_BACKENDS
 from ladder_siam.kube.launch_config import LaunchConfig
 from ladder_siam.prep.sources import LAYOUTS
@@ -35,7 +34,6 @@ from ladder_siam.runtime.run_folder import DATASETS, RunFolder
 BACKENDS = (*JOB_BACKENDS, "local")
 _FINGERPRINT_CHARS = 12
 _NAME_CHARS = 40
-_NOT_NAME = re.compile(r"[^a-z0-9-]+")
 # A Kubernetes pod's own namespace, mounted with its service-account token.
 _POD_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 
@@ -120,7 +118,7 @@ def run_name(requested: str, job_name: str) -> str:
     It names the run's folder, the training job and the ``ladder-siam/run-id`` label, so it is
     lower-cased, stripped to ``[a-z0-9-]`` and kept short enough for a job-name prefix.
     """
-    name = _NOT_NAME.sub("-", (requested or job_name).lower()).strip("-")
+    name = NOT_NAME.sub("-", (requested or job_name).lower()).strip("-")
     name = name[:_NAME_CHARS].rstrip("-")
     if not name:
         raise ValueError(f"run_name {requested!r}: has no letters or digits to name a run by")
@@ -240,7 +238,7 @@ def plan_run(inputs: PipelineInputs, job_name: str) -> RunPlan:
     for dataset, (source, layout) in sources.items():
         digest, files, total = fingerprint_source(source)
         fingerprint = digest[:_FINGERPRINT_CHARS]
-        folder = _NOT_NAME.sub("-", source.rstrip("/").rsplit("/", 1)[-1].lower()).strip("-")
+        folder = NOT_NAME.sub("-", source.rstrip("/").rsplit("/", 1)[-1].lower()).strip("-")
         dest = storage.join(inputs.data_output_uri, DATASETS, f"{folder or dataset}-{fingerprint}")
         datasets[dataset] = DatasetPlan(source, layout, dest, fingerprint, files, total)
     uri = RunFolder.of(inputs.data_output_uri, name).uri
@@ -320,7 +318,7 @@ def launch_config(inputs: PipelineInputs, name: str, pretrain: PretrainConfig) -
     local = inputs.cluster_launch_backend == "local"
     deadline = round(inputs.pretrain_deadline_hours * 3600) or None
     return LaunchConfig(
-        name=f"ladder-siam-{name}",
+        name=job_name(name, ""),
         namespace="local" if local else pod_namespace(inputs.cluster_namespace),
         image=inputs.cluster_image,
         run_id=name,

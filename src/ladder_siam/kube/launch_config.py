@@ -134,13 +134,14 @@ class LaunchConfig:
             f"namespace {self.namespace!r}: a DNS-1123 label",
         )
         _check_image(self.image)
-        for label, value in (("run_id", self.run_id), ("method", self.pretrain.method)):
-            _check(
-                value and _label_value(value),
-                f"{label} {value!r}: a label value (alphanumerics, '-', '_', '.', ≤ 63)",
-            )
+        _check(
+            self.run_id and _label_value(self.run_id),
+            f"run_id {self.run_id!r}: a label value (alphanumerics, '-', '_', '.', ≤ 63)",
+        )
         _check(_label_value(self.owner), f"owner {self.owner!r}: not a label value")
         _check(_label_value(self.arm), f"arm {self.arm!r}: not a label value")
+        method = self.pretrain.method
+        _check(_label_value(method_label(method)), f"method {method!r}: not a level string")
         for key, value in self.node_selector.items():
             _check(_label_value(value), f"node_selector {key}={value!r}: not a label value")
         _check(self.nodes >= 1, f"nodes {self.nodes}: at least 1")
@@ -193,7 +194,7 @@ class LaunchConfig:
             "app.kubernetes.io/component": "pretrain",
             "app.kubernetes.io/managed-by": MANAGED_BY,
             RUN_ID_LABEL: self.run_id,
-            METHOD_LABEL: self.pretrain.method,
+            METHOD_LABEL: method_label(self.pretrain.method),
         }
         if self.arm:
             labels[ARM_LABEL] = self.arm
@@ -217,6 +218,14 @@ class LaunchConfig:
         return torchrun_command(
             self.nodes, self.gpus_per_node, self.pretrain_argv(), self.max_restarts
         )
+
+
+def method_label(method: str) -> str:
+    """The ``ladder-siam/method`` label: the method, or ``levels-_GGG`` for ``-GGG``.
+
+    A label value starts and ends with a letter or digit, which a level string may not.
+    """
+    return method if _label_value(method) else f"levels-{method.replace('-', '_')}"
 
 
 def _label_value(value: str) -> bool:

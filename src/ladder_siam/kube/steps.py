@@ -110,10 +110,15 @@ def prepare_dataset(
 def plan_arms(launch: str, run_uri: str, methods: list[str], seeds: list[Any]) -> list[dict]:
     """The run's arms (every method x seed) for the pipeline's loop, as plain dicts.
 
+    Their order goes to ``<run>/arms.json`` as well.
+
     ``check-inputs`` has validated every arm already; see :func:`ladder_siam.kube.arms.plan_arms`.
     """
     arms = plan_arms_of(launch_config_from_json(launch), run_uri, methods, seeds)
-    logger.info("%d arms: %s", len(arms), ", ".join(arm.name for arm in arms))
+    names = [arm.name for arm in arms]
+    # Whoever reads the run folder later (a report, report_compare_runs) finds the baseline.
+    storage.write_text(RunFolder(run_uri).arms_order, json.dumps(names) + "\n")
+    logger.info("%d arms: %s", len(arms), ", ".join(names))
     return [dataclasses.asdict(arm) for arm in arms]
 
 

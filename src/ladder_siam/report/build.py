@@ -137,7 +137,7 @@ def build_report(config: ReportConfig) -> Report:
         ValueError: A bad setting, an unreadable run or image split (before the analyses).
     """
     config.validate()
-    runs = load_runs(expand_runs(config.runs), config.names)
+    runs = load_runs(expand_runs(config.runs, config.names), config.names)
     if config.analysis_images is not None:
         load_split(config.analysis_images, "val")  # a wrong URI fails before any work
     summaries = run_summaries(runs)

@@ -2,10 +2,8 @@
 
 Every run the report reads is an *arm* (a method and a seed). Per method, the metrics' mean ±
 s.e. over its seeds; per other method, the paired difference from the baseline (the first
-method) with a 95 % interval and a verdict (:mod:`ladder_siam.report.comparisons`). With one
-seed, the interval is the test set's own sampling error where the evaluations recorded their
-per-image results (``per_image.json``): an exact paired test for the probe's and kNN's
-accuracies, a paired bootstrap over images for mIoU. Detection's mAP has none.
+method) with a 95 % interval and a verdict (:mod:`ladder_siam.report.comparisons`, which
+also holds the one-seed intervals). Detection's mAP has no per-image interval.
 """
 
 from __future__ import annotations
@@ -17,7 +15,9 @@ from ladder_siam.nets.archs import STAGES
 from ladder_siam.report import figures as report_figures
 from ladder_siam.report.comparisons import (
     STAGE_METRICS,
+    TASK_METRICS,
     Arm,
+    OneSeedIntervals,
     compare_arms,
     format_difference,
     format_mean,
@@ -25,22 +25,11 @@ from ladder_siam.report.comparisons import (
 )
 from ladder_siam.report.html import Figure, Paragraph, Section, Table
 from ladder_siam.report.inputs import RunResults
-from ladder_siam.report.statistics import (
-    CONFIDENCE,
-    Interval,
-    miou_difference_interval,
-    paired_accuracy_interval,
-)
-from ladder_siam.runtime.per_image import PerImage, read_per_image
-from ladder_siam.runtime.run_folder import RunFolder
+from ladder_siam.report.statistics import CONFIDENCE
+from ladder_siam.runtime.run_folder import run_of
 
 # The metrics compared: Table 7's per-stage probe and kNN, then Table 2's tasks.
-TASK_METRICS = {"box_ap": "box mAP", "mask_ap": "mask mAP", "miou": "mIoU"}
 METRICS = (*STAGE_METRICS, *TASK_METRICS)
-# How closely per-image results must reproduce a difference of the metrics (in points).
-_AGREE = 0.005
-# Where each metric's per-image results are: the evaluation that wrote them.
-_EVALUATION = {**dict.fromkeys(STAGE_METRICS, "linear_probe"), "miou": "segmentation"}
 
 
 def metric_label(metric: str) -> str:
@@ -52,61 +41,33 @@ def metric_label(metric: str) -> str:
 
 
 def arms_of(runs: list[RunResults]) -> list[Arm]:
-    """The runs as arms; an earlier run repeating a method and seed is named by its folder."""
-    arms, seen = [], set()
+    """The runs as arms, each labelled by its method.
+
+    Arms of different pipeline runs (``report_compare_runs``) are never pooled: when the
+    runs span several, each method is labelled with its pipeline run too (``ladder-byol
+    (sweep-2)``; a run folder of its own by its folder), so that seeds pair only within one
+    run's data and schedule. The first arm's label is the baseline.
+    """
+    groups = {run.uri: _pipeline_run(run.uri) for run in runs}
+    several = len(set(groups.values())) > 1
+    arms = []
     for run in runs:
-        method = run.method
-        if (method, run.seed) in seen:
-            method = f"{method} ({run.name})"
-        seen.add((method, run.seed))
+        group = groups[run.uri] or run.uri.rstrip("/").rsplit("/", 1)[-1]
+        label = f"{run.method} ({group})" if several else run.method
         metrics = {
             f"{kind}_{stage}": run.stage_metric(stage, key)
             for kind, key in (("probe_top1", "top1"), ("knn_top1", "knn_top1"))
             for stage in STAGES
         }
         metrics |= {key: run.metric(key) for key in TASK_METRICS}
-        arms.append(Arm(method, run.seed, run.uri, metrics, {"name": run.name}))
+        arms.append(Arm(label, run.seed, run.uri, metrics, {"name": run.name}))
     return arms
 
 
-class OneSeedIntervals:
-    """The test set's interval for one pair of arms, where both recorded per-image results.
-
-    Each run's ``per_image.json`` is read once per report (a report compares every method
-    with the baseline on many metrics).
-    """
-
-    def __init__(self) -> None:
-        self._read: dict[tuple[str, str], PerImage | None] = {}
-
-    def _per_image(self, run: str, evaluation: str) -> PerImage | None:
-        if (run, evaluation) not in self._read:
-            self._read[run, evaluation] = read_per_image(RunFolder(run).eval(evaluation))
-        return self._read[run, evaluation]
-
-    def __call__(self, metric: str, arm: Arm, baseline: Arm) -> Interval | None:
-        """The interval of ``arm``'s difference from ``baseline`` on ``metric``, or None."""
-        evaluation = _EVALUATION.get(metric)
-        if evaluation is None:
-            return None
-        ours = self._per_image(arm.run, evaluation)
-        theirs = self._per_image(baseline.run, evaluation)
-        if ours is None or theirs is None or ours.order != theirs.order:
-            return None  # not scored on the same images in the same order: no pairing
-        interval = None
-        if metric in ours.correct and metric in theirs.correct:
-            interval = paired_accuracy_interval(ours.correct[metric], theirs.correct[metric])
-        elif metric in ours.counts and metric in theirs.counts:
-            a, b = ours.counts[metric], theirs.counts[metric]
-            interval = miou_difference_interval(
-                a["intersection"], a["union"], b["intersection"], b["union"]
-            )
-        # Per-image results that do not reproduce the metrics (left over from an earlier
-        # evaluation in the same folder) would put an interval around the wrong number.
-        difference = arm.metrics[metric] - baseline.metrics[metric]  # type: ignore[operator]
-        if interval is None or abs(interval.difference - difference) > _AGREE:
-            return None
-        return interval
+def _pipeline_run(uri: str) -> str:
+    """The pipeline run an arm's folder belongs to; empty for a run folder of its own."""
+    run, _, arm = run_of(uri).partition("/")
+    return run if arm else ""
 
 
 def compare(runs: list[RunResults]) -> tuple[list[Arm], list[dict[str, Any]]]:
@@ -116,7 +77,7 @@ def compare(runs: list[RunResults]) -> tuple[list[Arm], list[dict[str, Any]]]:
 
 
 def comparison_section(arms: list[Arm], comparisons: list[dict[str, Any]]) -> Section:
-    """Section 1: means per method, then each difference with its interval and verdict."""
+    """The report's first section: means per method, then each difference and its verdict."""
     means = method_means(arms, METRICS)
     baseline = next(iter(means))
     seeds = {m: sorted({a.seed for a in arms if a.method == m}) for m in means}

@@ -26,13 +26,26 @@ from ladder_siam.nets.archs import STAGES
 from ladder_siam.report.statistics import (
     Interval,
     mean_and_standard_error,
+    miou_difference_interval,
+    paired_accuracy_interval,
     t_interval,
     verdict,
 )
+from ladder_siam.runtime.per_image import PerImage, read_per_image
+from ladder_siam.runtime.run_folder import RunFolder
 
 # The per-stage metrics of the paper's Table 7 (linear probe and kNN on each stage).
 STAGE_METRICS = tuple(f"{kind}_{stage}" for kind in ("probe_top1", "knn_top1") for stage in STAGES)
+# Table 2's tasks.
+TASK_METRICS = {"box_ap": "box mAP", "mask_ap": "mask mAP", "miou": "mIoU"}
 NO_INTERVAL = "one seed: no interval"
+# Every seed gave the same nonzero difference (a coarse metric, e.g. mAP in 0.1 steps): a
+# t-interval of width 0 would claim a certainty that two or three seeds cannot give.
+NO_SPREAD = "no spread over seeds: no interval"
+# Where each metric's per-image results are: the evaluation that wrote them.
+_EVALUATION = {**dict.fromkeys(STAGE_METRICS, "linear_probe"), "miou": "segmentation"}
+# How closely per-image results must reproduce a difference of the metrics (in points).
+_AGREE = 0.005
 # Decimals of metrics and differences in percent, in JSON and on the page alike.
 DECIMALS = 2
 
@@ -129,11 +142,6 @@ def _compare(
     one_seed: OneSeedInterval | None,
 ) -> dict[str, Any]:
     differences = [arm.metrics[metric] - base.metrics[metric] for arm, base in pairs]  # type: ignore[operator]
-    interval: Interval | None
-    if len(pairs) >= 2:
-        interval = t_interval(differences)
-    else:
-        interval = one_seed(metric, *pairs[0]) if one_seed is not None else None
     entry: dict[str, Any] = {
         "metric": metric,
         "method": method,
@@ -141,14 +149,66 @@ def _compare(
         "seeds": sorted(arm.seed for arm, _ in pairs),
         "difference": round(sum(differences) / len(differences), DECIMALS),
     }
+    interval: Interval | None = None
+    reason = NO_INTERVAL
+    if len(pairs) >= 2:
+        # The same nonzero difference on every seed has no spread to build an interval from.
+        spread = len(set(differences)) > 1 or not any(differences)
+        interval = t_interval(differences) if spread else None
+        reason = NO_SPREAD
+    elif one_seed is not None:
+        interval = one_seed(metric, *pairs[0])
     if interval is None:
-        return {**entry, "ci95": None, "interval": NO_INTERVAL, "verdict": NO_INTERVAL}
+        return {**entry, "ci95": None, "interval": reason, "verdict": reason}
+    # The verdict reads the interval as shown, so that the page never contradicts itself.
+    low, high = round(interval.low, DECIMALS), round(interval.high, DECIMALS)
     return {
         **entry,
-        "ci95": [round(interval.low, DECIMALS), round(interval.high, DECIMALS)],
+        "ci95": [low, high],
         "interval": interval.method,
-        "verdict": verdict(interval.low, interval.high),
+        "verdict": verdict(low, high),
     }
+
+
+class OneSeedIntervals:
+    """The test set's interval for one pair of arms, where both recorded per-image results.
+
+    The evaluations write ``per_image.json`` (:mod:`ladder_siam.runtime.per_image`): which val
+    images the probe and kNN got right (an exact paired test of the accuracies) and each
+    image's pixel counts (a paired bootstrap of mIoU). Each file is read once per comparison.
+    """
+
+    def __init__(self) -> None:
+        self._read: dict[tuple[str, str], PerImage | None] = {}
+
+    def _per_image(self, run: str, evaluation: str) -> PerImage | None:
+        if (run, evaluation) not in self._read:
+            self._read[run, evaluation] = read_per_image(RunFolder(run).eval(evaluation))
+        return self._read[run, evaluation]
+
+    def __call__(self, metric: str, arm: Arm, baseline: Arm) -> Interval | None:
+        """The interval of ``arm``'s difference from ``baseline`` on ``metric``, or None."""
+        evaluation = _EVALUATION.get(metric)
+        if evaluation is None:
+            return None
+        ours = self._per_image(arm.run, evaluation)
+        theirs = self._per_image(baseline.run, evaluation)
+        if ours is None or theirs is None or ours.order != theirs.order:
+            return None  # not scored on the same images in the same order: no pairing
+        interval = None
+        if metric in ours.correct and metric in theirs.correct:
+            interval = paired_accuracy_interval(ours.correct[metric], theirs.correct[metric])
+        elif metric in ours.counts and metric in theirs.counts:
+            a, b = ours.counts[metric], theirs.counts[metric]
+            interval = miou_difference_interval(
+                a["intersection"], a["union"], b["intersection"], b["union"]
+            )
+        # Per-image results that do not reproduce the metrics (left over from an earlier
+        # evaluation in the same folder) would put an interval around the wrong number.
+        difference = arm.metrics[metric] - baseline.metrics[metric]  # type: ignore[operator]
+        if interval is None or abs(interval.difference - difference) > _AGREE:
+            return None
+        return interval
 
 
 def method_means(arms: Sequence[Arm], metrics: Sequence[str]) -> dict[str, dict[str, Any]]:

@@ -137,25 +137,45 @@ def load_run(uri: str, name: str | None = None) -> RunResults:
 
 
 def arms_of_run(uri: str) -> list[str]:
-    """The arm folders of a pipeline run (``<run>/arms/*/backbone.json``), in name order."""
+    """The arm folders of a pipeline run (``<run>/arms/*/backbone.json``).
+
+    In the run's order (``arms.json``: its methods as listed, then seeds), so that the
+    baseline stays first; arms it does not list (or every arm, without it) follow by name.
+    """
     folder = storage.join(uri, ARMS)
     depth = storage.join(folder, "arm", BACKBONE_INFO).count("/")
     if not storage.is_s3(folder) and not storage.local_path(folder).is_dir():
         return []
-    return sorted(
+    found = sorted(
         info.uri.removesuffix("/" + BACKBONE_INFO)
         for info in storage.list_files(folder)
         if info.uri.endswith("/" + BACKBONE_INFO) and info.uri.count("/") == depth
     )
+    order_uri = RunFolder(uri).arms_order
+    order = json.loads(storage.read_text(order_uri)) if storage.exists(order_uri) else []
+    rank = {storage.join(folder, name): index for index, name in enumerate(order)}
+    return sorted(found, key=lambda arm: rank.get(arm, len(rank)))
 
 
-def expand_runs(uris: list[str]) -> list[str]:
+def expand_runs(uris: list[str], names: list[str] | None = None) -> list[str]:
     """Run folders as the report reads them: a pipeline run's folder becomes its arms.
 
     A folder with ``arms/*/backbone.json`` stands for each of those arms; any other folder
     is one run (an arm, or a run of ``ladder-siam pretrain``).
+
+    Raises:
+        ValueError: ``names`` given for a folder that stands for several arms.
     """
-    return [arm for uri in uris for arm in (arms_of_run(uri) or [uri])]
+    expanded = []
+    for uri in uris:
+        arms = arms_of_run(uri)
+        if names is not None and len(arms) > 1:
+            raise ValueError(
+                f"--names: {uri} is a pipeline run of {len(arms)} arms; name its arms' folders "
+                f"({uri}/{ARMS}/...) one by one, or leave out --names"
+            )
+        expanded += arms or [uri]
+    return expanded
 
 
 def load_runs(uris: list[str], names: list[str] | None = None) -> list[RunResults]:

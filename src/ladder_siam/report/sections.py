@@ -70,7 +70,7 @@ def _delta(summary: dict[str, Any], key: str, baseline: bool) -> str:
 
 
 def summary_section(runs: list[RunResults], summaries: list[dict[str, Any]]) -> Section:
-    """Section 1: the Table 1/2 analogue, the runs, and the paper's published numbers."""
+    """The Table 1/2 analogue, the runs, and the paper's published numbers."""
     header = ["run"]
     for key in HEADLINE:
         header += [HEADLINE_LABELS[key], f"Δ {HEADLINE_LABELS[key]}"]
@@ -146,7 +146,7 @@ def summary_section(runs: list[RunResults], summaries: list[dict[str, Any]]) -> 
 
 
 def probe_section(runs: list[RunResults]) -> Section:
-    """Section 2: linear probe and kNN accuracy on every stage (Table 7 analogue)."""
+    """Linear probe and kNN accuracy on every stage (Table 7 analogue), per run."""
     header = ["run"] + [f"{stage} {kind}" for kind in PROBE_KINDS.values() for stage in STAGES]
     rows = [
         [run.name] + [fmt(run.stage_metric(s, kind)) for kind in PROBE_KINDS for s in STAGES]
@@ -189,7 +189,7 @@ def _curve_fields(runs: list[RunResults]) -> list[tuple[str, str]]:
 
 
 def curves_section(runs: list[RunResults]) -> Section:
-    """Section 3: one chart per train_log quantity, all runs overlaid."""
+    """One chart per train_log quantity, all runs overlaid."""
     blocks: list[Block] = []
     missing = [run.name for run in runs if not run.train_log]
     if missing:
@@ -215,7 +215,7 @@ def correlation_metrics(runs: list[RunResults]) -> dict[str, list[float | None]]
 
 
 def correlation_section(runs: list[RunResults]) -> tuple[Section, list[Correlation]]:
-    """Section 6: Pearson r between tasks over runs, Bonferroni-corrected (Fig. 5)."""
+    """Pearson r between tasks over runs, Bonferroni-corrected (Fig. 5)."""
     title = "7. Task correlations (Fig. 5)"
     if len(runs) < MIN_RUNS:
         note = f"{NOT_RUN}: needs at least {MIN_RUNS} runs, {len(runs)} given."

@@ -5,8 +5,9 @@ set's own sampling error, and the exact way to get it compares the two runs on t
 images (a paired test). An evaluation that can writes ``per_image.json`` beside its
 ``metrics.json``:
 
-* ``order``: a digest that identifies the images and their order (the labels the evaluation
-  read, in reading order); two files pair only when theirs are equal;
+* ``order``: a digest that identifies the images and their order (the val split's shards
+  and what the evaluation read from them, in reading order); two files pair only when
+  theirs are equal;
 * ``correct``: per accuracy metric (``probe_top1_res3``...), one bit per image, packed and
   base64-encoded (10k test images take 1.7 kB);
 * ``counts``: per count metric (``miou``), ``{"intersection": [[...]], "union": [[...]]}``,
@@ -30,7 +31,14 @@ PER_IMAGE = "per_image.json"
 
 @dataclass
 class PerImage:
-    """An evaluation's per-image results (see the module docstring)."""
+    """An evaluation's per-image results (see the module docstring).
+
+    Attributes:
+        order: Identifies the images and their order; two results pair only if equal.
+        images: How many images were scored.
+        correct: Per accuracy metric, a bool per image.
+        counts: Per count metric, named ``[images, classes]`` arrays.
+    """
 
     order: str
     images: int
@@ -38,9 +46,17 @@ class PerImage:
     counts: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
 
 
-def order_digest(values: np.ndarray) -> str:
-    """A digest of the images' identities in reading order (e.g. their labels)."""
-    return hashlib.sha256(np.ascontiguousarray(values, dtype=np.int64).tobytes()).hexdigest()
+def order_digest(values: np.ndarray, *context: str) -> str:
+    """A digest of the images in reading order.
+
+    Args:
+        values: Per-image values read with them (labels, pixel counts per class).
+        context: What else identifies them, e.g. the split's shard checksums.
+    """
+    digest = hashlib.sha256(np.ascontiguousarray(values, dtype=np.int64).tobytes())
+    for part in context:
+        digest.update(part.encode())
+    return digest.hexdigest()
 
 
 def write_per_image(out: str, evidence: PerImage) -> None:

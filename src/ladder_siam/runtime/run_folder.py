@@ -6,6 +6,7 @@ own (what ``ladder-siam pretrain --out`` writes)::
 
     OUTPUT/datasets/<source>-<fingerprint>/       shards and manifests (prepare-shards)
     OUTPUT/runs/<run>/
+        arms.json                                 the arms' names, in the run's order
         arms/<method>-s<seed>/                    one arm:
             backbone.pt, backbone.json            the exported online backbone and its arch
             train_log.jsonl                       one line per logging interval
@@ -26,6 +27,8 @@ from ladder_siam.io import storage
 DATASETS = "datasets"
 RUNS = "runs"
 ARMS = "arms"
+# The arms' names in the run's order (methods as listed, then seeds): the first is the baseline.
+ARMS_ORDER = "arms.json"
 BACKBONE = "backbone.pt"
 BACKBONE_INFO = "backbone.json"
 TRAIN_LOG = "train_log.jsonl"
@@ -73,6 +76,11 @@ class RunFolder:
     def arm(self, name: str) -> RunFolder:
         """The folder of one arm (a method and a seed) of this run."""
         return RunFolder(storage.join(self.uri, ARMS, name))
+
+    @property
+    def arms_order(self) -> str:
+        """``arms.json``: the arms' names in the run's order, the baseline's first."""
+        return storage.join(self.uri, ARMS_ORDER)
 
     @property
     def backbone(self) -> str:

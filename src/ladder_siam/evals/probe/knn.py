@@ -60,23 +60,6 @@ def knn_scores(
     return torch.cat(scores)
 
 
-def knn_top1(
-    train_features: torch.Tensor,
-    train_labels: torch.Tensor,
-    queries: torch.Tensor,
-    query_labels: torch.Tensor,
-    num_classes: int,
-    k: int = 20,
-    temperature: float = 0.07,
-    chunk: int = 4096,
-) -> float:
-    """Top-1 accuracy in percent of the weighted kNN classifier (see :func:`knn_scores`)."""
-    correct = knn_correct(
-        train_features, train_labels, queries, query_labels, num_classes, k, temperature, chunk
-    )
-    return 100.0 * correct.sum().item() / max(len(query_labels), 1)
-
-
 def knn_correct(
     train_features: torch.Tensor,
     train_labels: torch.Tensor,

@@ -140,20 +140,25 @@ def run_fast(
             train_set.features[stage], train_set.labels, val_set.features[stage],
             val_set.labels, num_classes, config.knn_k, config.knn_temperature, config.knn_chunk,
         ).cpu()  # fmt: skip
-        result["knn_top1"] = 100.0 * correct.sum().item() / max(len(correct), 1)
+        result["knn_top1"] = 100.0 * correct.float().mean().item()
         result["knn_correct"] = correct
-    write_per_image(config.out, per_image_evidence(results, val_set.labels))
+    write_per_image(config.out, per_image_evidence(results, val_set.labels, val))
     return results
 
 
-def per_image_evidence(results: dict[str, dict[str, Any]], labels: torch.Tensor) -> PerImage:
-    """Which val images each stage's probe and kNN got right, keyed like the scalars."""
+def per_image_evidence(
+    results: dict[str, dict[str, Any]], labels: torch.Tensor, val: SplitManifest
+) -> PerImage:
+    """Which val images each stage's probe and kNN got right, keyed like the scalars.
+
+    The images are identified by the val shards' checksums and the labels in reading order.
+    """
     correct = {}
     for stage, result in results.items():
         correct[f"probe_top1_{stage}"] = result["correct"].numpy()
         if "knn_correct" in result:
             correct[f"knn_top1_{stage}"] = result["knn_correct"].numpy()
-    order = order_digest(labels.cpu().numpy())
+    order = order_digest(labels.cpu().numpy(), *(shard.sha256 for shard in val.shards))
     return PerImage(order, len(labels), correct)
 
 

@@ -279,7 +279,7 @@ def _run(config: SegmentationConfig, env: distributed.DistributedEnv) -> dict[st
     metrics = _metrics(config, info, scores)
     if env.is_main:
         if matrices:
-            write_per_image(config.out, per_image_counts(matrices))
+            write_per_image(config.out, per_image_counts(matrices, val_split))
         storage.write_text(metrics_uri(config.out), json.dumps(metrics, indent=2))
         logger.info(
             "segmentation %s: mIoU %.2f, pixel accuracy %.2f, mean accuracy %.2f (%s)",

@@ -107,14 +107,15 @@ def image_matrix(num_classes: int, prediction: torch.Tensor, mask: torch.Tensor)
     return single.matrix.cpu()
 
 
-def per_image_counts(matrices: list[torch.Tensor]) -> PerImage:
+def per_image_counts(matrices: list[torch.Tensor], split: SplitManifest) -> PerImage:
     """Per image and class: intersection and union pixels, for ``miou``'s paired bootstrap.
 
-    The images' order is identified by their ground truth (each image's pixels per class),
-    which two backbones scored on the same split share and no other split does.
+    The images are identified by the split's shard checksums and, in reading order, their
+    ground truth (each image's pixels per class).
     """
     stacked = torch.stack(matrices).numpy()  # [images, truth, predicted]
     intersection = np.diagonal(stacked, axis1=1, axis2=2)
     truth, predicted = stacked.sum(axis=2), stacked.sum(axis=1)
     counts = {"intersection": intersection, "union": truth + predicted - intersection}
-    return PerImage(order_digest(truth), len(matrices), counts={"miou": counts})
+    order = order_digest(truth, *(shard.sha256 for shard in split.shards))
+    return PerImage(order, len(matrices), counts={"miou": counts})
