@@ -9,6 +9,7 @@ import re
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -29,6 +30,7 @@ from ladder_siam.report.analysis import (
     view_distances,
 )
 from ladder_siam.report.build import ReportConfig, build_report, make_report, write_kfp_outputs
+from ladder_siam.report.comparison_section import compare
 from ladder_siam.report.inputs import expand_runs, load_runs
 from ladder_siam.report.task_correlation import correlate
 from ladder_siam.runtime import checkpoint
@@ -130,6 +132,13 @@ PROBE_A = {"res2": 20.0, "res3": 30.0, "res4": 40.0, "res5": 60.0}
 PROBE_B = {"res2": 25.0, "res3": 33.0, "res4": 45.0, "res5": 62.5}
 
 
+def comparison_of(uris: list[str], metric: str) -> dict[str, Any]:
+    """The report's comparison on ``metric`` of the runs, without drawing the report."""
+    _, comparisons = compare(load_runs(expand_runs(uris)))
+    [entry] = [entry for entry in comparisons if entry["metric"] == metric]
+    return entry
+
+
 def write_evidence(run: str, hits: int, images: int = 400, order: str = "val-a") -> None:
     """Per-image results: the first ``hits`` of ``images`` right at every stage, and masks."""
     correct = np.arange(images) < hits
@@ -169,11 +178,9 @@ def test_one_seed_gets_the_test_sets_own_interval_where_it_is_exact(tmp_path: Pa
     # images: nothing to pair, so no interval rather than a wrong one.
     write_evidence(ladder, hits=250)
     write_evidence(byol, hits=200, order="val-b")
-    summary = build_report(ReportConfig(runs=[byol, ladder], out=str(tmp_path / "r2"))).summary
-    assert {e["metric"]: e["ci95"] for e in summary["comparisons"]}["probe_top1_res3"] is None
+    assert comparison_of([byol, ladder], "probe_top1_res3")["ci95"] is None
     write_evidence(byol, hits=200)
-    summary = build_report(ReportConfig(runs=[byol, ladder], out=str(tmp_path / "r3"))).summary
-    assert {e["metric"]: e["ci95"] for e in summary["comparisons"]}["probe_top1_res3"] is None
+    assert comparison_of([byol, ladder], "probe_top1_res3")["ci95"] is None
 
 
 def test_a_pipeline_runs_folder_is_its_arms_in_its_order_and_runs_are_never_pooled(
@@ -195,19 +202,16 @@ def test_a_pipeline_runs_folder_is_its_arms_in_its_order_and_runs_are_never_pool
         str(sweep / "arms" / name) for name in ("byol-s0", "byol-s1", "ladder-byol-s0",
                                                 "ladder-byol-s1")
     ]  # fmt: skip
-    summary = build_report(ReportConfig(runs=[str(sweep)], out=str(tmp_path / "r"))).summary
-    [entry] = [e for e in summary["comparisons"] if e["metric"] == "probe_top1_res5"]
+    entry = comparison_of([str(sweep)], "probe_top1_res5")
     assert (entry["method"], entry["baseline"], entry["seeds"]) == ("ladder-byol", "byol", [0, 1])
     assert entry["difference"] == 1.5  # (31 - 30 + 34 - 32) / 2, paired by seed
 
     # An earlier run's byol joins, labelled by its run: it is never pooled with this run's.
     write_run(runs / "old" / "arms" / "byol-s0", "byol", {"res5": 10.0}, backbone={})
-    summary = build_report(
-        ReportConfig(runs=[str(runs / "old"), str(sweep)], out=str(tmp_path / "r2"))
-    ).summary
-    methods = [(a["method"], a["seed"]) for a in summary["arms"]]
+    arms, comparisons = compare(load_runs(expand_runs([str(runs / "old"), str(sweep)])))
+    methods = [(arm.method, arm.seed) for arm in arms]
     assert methods[0] == ("byol (old)", 0) and ("byol (sweep)", 1) in methods
-    assert {e["baseline"] for e in summary["comparisons"]} == {"byol (old)"}
+    assert {entry["baseline"] for entry in comparisons} == {"byol (old)"}
     with pytest.raises(ValueError, match="is a pipeline run of 4 arms"):
         build_report(ReportConfig(runs=[str(sweep)], out=str(tmp_path / "r3"), names=["x"]))
 
