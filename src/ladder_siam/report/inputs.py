@@ -140,21 +140,23 @@ def arms_of_run(uri: str) -> list[str]:
     """The arm folders of a pipeline run (``<run>/arms/*/backbone.json``).
 
     In the run's order (``arms.json``: its methods as listed, then seeds), so that the
-    baseline stays first; arms it does not list (or every arm, without it) follow by name.
+    baseline stays first. Without ``arms.json`` (arms gathered by hand), the arms found under
+    ``arms/``, by name.
     """
     folder = storage.join(uri, ARMS)
-    depth = storage.join(folder, "arm", BACKBONE_INFO).count("/")
+    order_uri = RunFolder(uri).arms_order
+    if storage.exists(order_uri):
+        # One read and a check per arm, not a listing of every arm's checkpoints.
+        listed = [storage.join(folder, name) for name in json.loads(storage.read_text(order_uri))]
+        return [arm for arm in listed if storage.exists(RunFolder(arm).backbone_info)]
     if not storage.is_s3(folder) and not storage.local_path(folder).is_dir():
         return []
-    found = sorted(
+    depth = storage.join(folder, "arm", BACKBONE_INFO).count("/")
+    return sorted(
         info.uri.removesuffix("/" + BACKBONE_INFO)
         for info in storage.list_files(folder)
         if info.uri.endswith("/" + BACKBONE_INFO) and info.uri.count("/") == depth
     )
-    order_uri = RunFolder(uri).arms_order
-    order = json.loads(storage.read_text(order_uri)) if storage.exists(order_uri) else []
-    rank = {storage.join(folder, name): index for index, name in enumerate(order)}
-    return sorted(found, key=lambda arm: rank.get(arm, len(rank)))
 
 
 def expand_runs(uris: list[str], names: list[str] | None = None) -> list[str]:

@@ -191,13 +191,12 @@ def evaluate_heads(
             continue
         stage_logits = torch.cat(parts)
         results[stage] = dict(topk_accuracy(stage_logits, labels))
+        predicted, truth = stage_logits.argmax(dim=1), labels.to(stage_logits.device)
         # Per image, for a paired test between two backbones scored on the same images.
-        results[stage]["correct"] = (
-            stage_logits.argmax(dim=1) == labels.to(stage_logits.device)
-        ).cpu()
+        results[stage]["correct"] = (predicted == truth).cpu()
         classes = stage_logits.shape[1]
         if classes <= confusion_max_classes:
-            pairs = labels.to(stage_logits.device) * classes + stage_logits.argmax(dim=1)
+            pairs = truth * classes + predicted
             counts = torch.bincount(pairs, minlength=classes * classes)
             results[stage]["confusion"] = counts.view(classes, classes).tolist()
     return results
