@@ -64,10 +64,8 @@ def test_coco_annotations_are_converted_and_rescaled(tmp_path: Path) -> None:
     (root / "annotations/instances_val.json").write_text("{ not json")
 
     dest = str(tmp_path / "shards")
-    # A split that keeps nothing (its annotation file is broken) is an error, not 0 samples.
-    with pytest.raises(
-        ValueError, match=r"split 'val': all 1 inputs were skipped \(bad-annotation"
-    ):
+    # A file that cannot be parsed at all fails the step, naming it; nothing is committed.
+    with pytest.raises(ValueError, match=r"instances_val.json: not valid JSON"):
         prepare_shards(str(root), dest, layout="coco", max_side=50)
     assert not (tmp_path / "shards" / "manifest.json").exists(), "nothing committed"
     (root / "annotations/instances_val.json").unlink()
@@ -75,15 +73,20 @@ def test_coco_annotations_are_converted_and_rescaled(tmp_path: Path) -> None:
     prepare_shards(str(root), dest, layout="coco", max_side=50)
     train = load_split(storage.join(dest, "train"))
     assert train.classes == ["blob", "square"], "categories sorted by id"
-    assert {(Path(s.source).name, s.reason) for s in train.skipped} == {
-        ("missing.jpg", "missing-image"),
-        ("c.jpg", "bad-annotation"),
-        ("d.jpg", "bad-annotation"),
-    }
+    assert train.category_ids == [3, 7]
+    assert [(Path(s.source).name, s.reason) for s in train.skipped] == [
+        ("missing.jpg", "missing-image")
+    ]
+    # A bad annotation is dropped and listed; its image is kept with its other annotations.
+    assert [(c.record, c.action, c.reason) for c in train.annotation_changes] == [
+        ("annotation 12 of image 3", "dropped", "bad-box"),
+        ("annotation 13 of image 5", "dropped", "bad-segmentation"),
+    ]
 
     records = [json.loads(s["json"]) for s in _samples(storage.join(dest, "train")).values()]
     by_name = {record["file_name"]: record for record in records}
-    assert set(by_name) == {"a.jpg", "b.jpg"}
+    assert set(by_name) == {"a.jpg", "b.jpg", "c.jpg", "d.jpg"}
+    assert by_name["c.jpg"]["instances"] == by_name["d.jpg"]["instances"] == []
     for name, category, crowd in (("a.jpg", 1, 0), ("b.jpg", 0, 1)):
         record = by_name[name]
         assert (record["width"], record["height"]) == (50, 40)

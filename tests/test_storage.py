@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -125,6 +126,32 @@ def test_s3_errors_name_the_uri(s3_bucket: str) -> None:
 def test_local_listing_of_missing_folder_fails_clearly(tmp_path) -> None:
     with pytest.raises(storage.StorageError, match="no such directory"):
         list(storage.list_files(str(tmp_path / "absent")))
+
+
+def test_local_listing_fails_on_a_broken_symbolic_link_naming_it(tmp_path) -> None:
+    storage.write_text(str(tmp_path / "data/a/kept.txt"), "kept")
+    (tmp_path / "data/a/linked.txt").symlink_to(tmp_path / "data/a/kept.txt")
+    names = [info.uri for info in storage.list_files(str(tmp_path / "data"))]
+    assert names == [str(tmp_path / "data/a/kept.txt"), str(tmp_path / "data/a/linked.txt")]
+
+    (tmp_path / "data/a/gone.txt").symlink_to(tmp_path / "nowhere.txt")
+    with pytest.raises(StorageError, match=r"data/a/gone\.txt: cannot list: .*broken symbolic"):
+        list(storage.list_files(str(tmp_path / "data")))
+
+
+def test_delete_folder_deletes_everything_under_it_and_nothing_beside(root: str) -> None:
+    for name in ("old/a.bin", "old/_receipts/a.bin.json", "older/kept.bin", "kept.bin"):
+        storage.write_bytes(storage.join(root, name), b"x")
+    storage.delete_folder(storage.join(root, "old"))
+    listed = [info.uri[len(root) + 1 :] for info in storage.list_files(root)]
+    assert listed == ["kept.bin", "older/kept.bin"]
+    storage.delete_folder(storage.join(root, "old"))  # already gone: not an error
+
+
+def test_sha256_streams_the_file(root: str) -> None:
+    data = os.urandom(3 * 1024 * 1024 + 5)
+    storage.write_bytes(storage.join(root, "big.bin"), data)
+    assert storage.sha256(storage.join(root, "big.bin")) == hashlib.sha256(data).hexdigest()
 
 
 def test_local_files_get_ordinary_permissions(tmp_path) -> None:

@@ -7,12 +7,15 @@ A dataset prepared by ``prepare-shards`` looks like this::
     DEST/train/shard-000000.tar ...
 
 Shard URIs in a split manifest are relative to the manifest's folder, so a dataset can be
-copied between buckets or from a laptop to S3 and still be read.
+copied between buckets or from a laptop to S3 and still be read. A split folder inside a
+dataset folder is read only while the dataset manifest lists it, so a split that a re-prepared
+dataset dropped is never read by mistake; a split copied on its own is read as it is.
 """
 
 from __future__ import annotations
 
 import json
+import shlex
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -47,6 +50,25 @@ class SkippedInput:
     detail: str
 
 
+@dataclass(frozen=True)
+class AnnotationChange:
+    """An annotation that was dropped or corrected while its image was kept.
+
+    Attributes:
+        source: The annotation file.
+        record: Which record (``annotation 12 of image 3``).
+        action: ``dropped`` or ``clipped``.
+        reason: A short category for counts (``bad-box``, ``unknown-category``...).
+        detail: What was wrong, in words.
+    """
+
+    source: str
+    record: str
+    action: str
+    reason: str
+    detail: str
+
+
 @dataclass
 class SplitManifest:
     """Everything a reader needs to know about one split's shards.
@@ -61,7 +83,12 @@ class SplitManifest:
         fields: The file extensions every sample carries (``jpg``, ``cls``, ``json``, ``png``).
         seed: The shuffle seed the shards were made with.
         max_side: The down-scaling limit applied, if any.
+        category_ids: COCO category id of each class (coco), so class ``i`` of the shards is
+            ``category_ids[i]`` of the source's annotations.
+        annotation_changes: Annotations dropped or clipped while their image was kept.
+        source: The source dataset folder the shards were prepared from.
         location: The folder URI this manifest was read from (not stored).
+        shard_size: The ``--shard-size`` the shards were prepared with (None: not recorded).
     """
 
     split: str
@@ -73,7 +100,36 @@ class SplitManifest:
     fields: list[str] = field(default_factory=lambda: ["jpg"])
     seed: int = 0
     max_side: int | None = None
+    category_ids: list[int] | None = None
+    annotation_changes: list[AnnotationChange] = field(default_factory=list)
+    source: str = ""
     location: str = ""
+    shard_size: int | None = None
+
+    def repair_command(self) -> str | None:
+        """The ``prepare-shards`` command that rewrites this split's damaged shards in place.
+
+        A rerun with the options the shards were made with hashes every shard it keeps and
+        writes again each one that no longer matches. The result is for a message, not for a
+        shell: values are quoted only so that a user can paste it.
+
+        Returns:
+            The command, or None when the manifest does not record its source or shard size.
+        """
+        if not self.source or self.shard_size is None:
+            return None
+        options = [
+            ("--source", self.source),
+            ("--dest", _dataset_folder(self.location)),
+            ("--layout", self.layout),
+            ("--shard-size", str(self.shard_size)),
+            ("--seed", str(self.seed)),
+        ]
+        if self.max_side is not None:
+            options.append(("--max-side", str(self.max_side)))
+        return " ".join(
+            ["ladder-siam prepare-shards", *(f"{flag} {shlex.quote(v)}" for flag, v in options)]
+        )
 
     def require_layout(self, *layouts: str) -> None:
         """Raises ``ManifestError`` unless the shards came from one of ``layouts``."""
@@ -111,6 +167,9 @@ class SplitManifest:
         try:
             data["shards"] = [ShardEntry(**shard) for shard in data["shards"]]
             data["skipped"] = [SkippedInput(**item) for item in data.get("skipped", [])]
+            data["annotation_changes"] = [
+                AnnotationChange(**item) for item in data.get("annotation_changes", [])
+            ]
             return cls(**data, location=location)
         except (KeyError, TypeError) as error:
             raise ManifestError(
@@ -136,6 +195,7 @@ class DatasetManifest:
     classes: list[str]
     splits: dict[str, SplitSummary]
     source: str = ""
+    category_ids: list[int] | None = None
     location: str = ""
 
     def to_json(self) -> str:
@@ -166,6 +226,12 @@ class DatasetManifest:
             ) from error
 
 
+def _dataset_folder(split_folder: str) -> str:
+    """The folder of the dataset that ``split_folder`` is a split of (``DEST`` of ``DEST/val``)."""
+    folder = split_folder.rstrip("/")
+    return storage.parent(folder) if "/" in folder else "."
+
+
 def _manifest_uri(location: str) -> str:
     return storage.join(location, MANIFEST_NAME)
 
@@ -189,7 +255,8 @@ def load_split(uri: str, default_split: str = "train") -> SplitManifest:
         default_split: The split to take when ``uri`` names a whole dataset.
 
     Raises:
-        ManifestError: There is no manifest, or the dataset has no such split.
+        ManifestError: There is no manifest, the dataset has no such split, or the split's
+            folder lies in a dataset folder whose dataset manifest no longer lists it.
     """
     folder = storage.parent(uri) if uri.rstrip("/").endswith(MANIFEST_NAME) else uri.rstrip("/")
     manifest_uri = _manifest_uri(folder)
@@ -201,7 +268,9 @@ def load_split(uri: str, default_split: str = "train") -> SplitManifest:
         ) from error
     data = _parse(text, folder)
     if "splits" not in data:
-        return SplitManifest._from_dict(data, folder)
+        split = SplitManifest._from_dict(data, folder)
+        _require_listed(split)
+        return split
     dataset = DatasetManifest._from_dict(data, folder)
     if default_split not in dataset.splits:
         raise ManifestError(
@@ -211,3 +280,27 @@ def load_split(uri: str, default_split: str = "train") -> SplitManifest:
     entry = dataset.splits[default_split]
     split_folder = storage.parent(storage.resolve(folder, entry.manifest))
     return SplitManifest.from_json(storage.read_text(_manifest_uri(split_folder)), split_folder)
+
+
+def _require_listed(split: SplitManifest) -> None:
+    """Refuses a split whose dataset, re-prepared, no longer lists it.
+
+    A split copied on its own (its parent holds no dataset manifest) is read as it is.
+
+    Raises:
+        ManifestError: The parent folder's dataset manifest does not list the split.
+    """
+    parent = _dataset_folder(split.location)
+    try:
+        data = _parse(storage.read_text(_manifest_uri(parent)), parent)
+    except (FileNotFoundError, ManifestError):
+        return  # no dataset of ours around the split
+    listed = data.get("splits")
+    name = split.location.rstrip("/").rsplit("/", 1)[-1]
+    if not isinstance(listed, dict) or name in listed:
+        return
+    raise ManifestError(
+        f"{_manifest_uri(split.location)}: stale split: the dataset prepared at {parent} no "
+        f"longer has a split {name!r} (it has {', '.join(sorted(listed)) or 'none'}); read "
+        f"one of those, or prepare the dataset again from a source that has {name!r}"
+    )

@@ -131,13 +131,15 @@ class ShardIntegrityError(ValueError):
     """A shard's bytes are not the ones its manifest recorded."""
 
 
-def read_shard(uri: str, sha256: str | None = None) -> Iterator[Sample]:
+def read_shard(uri: str, sha256: str | None = None, repair: str | None = None) -> Iterator[Sample]:
     """Streams the samples of one shard, verifying its checksum as it goes.
 
     Args:
         uri: The shard.
         sha256: The manifest's checksum of the shard; checked once the whole shard has
             streamed through (a reader that stops early checks nothing).
+        repair: The command that rewrites the shard (``SplitManifest.repair_command``), named
+            when the checksum does not match.
 
     Raises:
         ValueError: The tar is corrupt or truncated (the message names the shard and byte).
@@ -155,9 +157,10 @@ def read_shard(uri: str, sha256: str | None = None) -> Iterator[Sample]:
             pass
         actual = hashing.digest.hexdigest()
         if actual != sha256:
+            remedy = f"`{repair}` writes it again" if repair else "prepare the dataset again"
             raise ShardIntegrityError(
                 f"{uri}: sha256 {actual} but the manifest recorded {sha256}: the shard was "
-                "altered or damaged; prepare the dataset again"
+                f"altered or damaged; {remedy}"
             )
 
 
@@ -246,6 +249,7 @@ class ShardDataset(IterableDataset):
         self.manifest = manifest
         self.shard_uris = manifest.shard_uris()
         self.shard_sha256: list[str | None] = [shard.sha256 for shard in manifest.shards]
+        self.repair = manifest.repair_command()
         self.batch_size = batch_size
         self.transform = transform
         self.seed = seed
@@ -319,14 +323,17 @@ class ShardDataset(IterableDataset):
             order = np.random.default_rng([self.seed, self.epoch, round_index]).permutation(count)
         if count >= slots:
             for index in order[slot::slots]:
-                yield from read_shard(self.shard_uris[index], self.shard_sha256[index])
+                yield from self._read(index)
             return
         position = 0
         for index in order:
-            for sample in read_shard(self.shard_uris[index], self.shard_sha256[index]):
+            for sample in self._read(index):
                 if position % slots == slot:
                     yield sample
                 position += 1
+
+    def _read(self, index: int) -> Iterator[Sample]:
+        return read_shard(self.shard_uris[index], self.shard_sha256[index], self.repair)
 
 
 def make_loader(

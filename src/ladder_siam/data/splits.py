@@ -54,6 +54,7 @@ class SplitReader(IterableDataset):
         self.shards = list(
             zip(manifest.shard_uris(), (s.sha256 for s in manifest.shards), strict=True)
         )
+        self.repair = manifest.repair_command()
         self.batch_size = batch_size
         self.transform = transform
         self.collate = collate
@@ -74,11 +75,11 @@ class SplitReader(IterableDataset):
     def _samples(self, slot: int, slots: int) -> Iterator[Sample]:
         if len(self.shards) >= slots:
             for uri, sha256 in self.shards[slot::slots]:
-                yield from read_shard(uri, sha256)
+                yield from read_shard(uri, sha256, self.repair)
             return
         position = 0
         for uri, sha256 in self.shards:
-            for sample in read_shard(uri, sha256):
+            for sample in read_shard(uri, sha256, self.repair):
                 if position % slots == slot:
                     yield sample
                 position += 1

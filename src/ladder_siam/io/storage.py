@@ -11,9 +11,11 @@ needs only ``from ladder_siam.io import storage``.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import shutil
+import stat
 import tempfile
 from collections import deque
 from collections.abc import Iterator
@@ -21,7 +23,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
-from typing import BinaryIO
+from typing import BinaryIO, NoReturn
 
 from ladder_siam.io import s3
 from ladder_siam.io.s3 import s3_client, set_s3_endpoint
@@ -45,6 +47,7 @@ __all__ = [
     "atomic_write",
     "copy_file",
     "delete",
+    "delete_folder",
     "exists",
     "is_s3",
     "join",
@@ -59,6 +62,7 @@ __all__ = [
     "s3_client",
     "scheme_problem",
     "set_s3_endpoint",
+    "sha256",
     "size",
     "split_s3",
     "write_bytes",
@@ -91,14 +95,45 @@ def list_files(prefix: str) -> Iterator[FileInfo]:
     if is_s3(prefix):
         yield from s3.list_objects(prefix)
         return
+    yield from _list_local(prefix)
+
+
+def _list_local(prefix: str) -> Iterator[FileInfo]:
+    """Lists the regular files under a local folder, symlinked files included.
+
+    Symlinked folders are not followed: a link to an ancestor would make the listing endless.
+
+    Raises:
+        StorageError: A folder cannot be read or a symbolic link is broken. Skipping either
+            silently would drop its files from whatever is made of the listing.
+    """
     root = local_path(prefix)
     if not root.is_dir():
         raise StorageError(f"{prefix}: no such directory")
-    paths = sorted(p for p in root.rglob("*") if p.is_file())
-    for path in paths:
-        stat = path.stat()
-        uri = join(prefix, path.relative_to(root).as_posix())
-        yield FileInfo(uri=uri, size=stat.st_size, etag=str(stat.st_mtime_ns))
+
+    def unlisted(path: str, error: OSError, note: str = "") -> StorageError:
+        relative = Path(path).relative_to(root)
+        uri = prefix if relative == Path() else join(prefix, relative.as_posix())
+        return StorageError(f"{uri}: cannot list: {error.strerror or error}{note}")
+
+    def fail(error: OSError) -> NoReturn:
+        raise unlisted(error.filename or str(root), error) from error
+
+    found: list[tuple[Path, os.stat_result]] = []
+    for folder, _, names in os.walk(root, onerror=fail):
+        for name in names:
+            path = Path(folder, name)
+            try:
+                info = path.stat()
+            except OSError as error:
+                note = " (a broken symbolic link)" if path.is_symlink() else ""
+                raise unlisted(str(path), error, note) from error
+            if stat.S_ISREG(info.st_mode):
+                found.append((path.relative_to(root), info))
+    # By path components (a/b before a-c), the order that sources and their shards rely on.
+    for relative, info in sorted(found, key=lambda entry: entry[0]):
+        uri = join(prefix, relative.as_posix())
+        yield FileInfo(uri=uri, size=info.st_size, etag=str(info.st_mtime_ns))
 
 
 def exists(uri: str) -> bool:
@@ -114,6 +149,21 @@ def delete(uri: str) -> None:
         s3.delete(uri)
     else:
         local_path(uri).unlink(missing_ok=True)
+
+
+def delete_folder(prefix: str) -> None:
+    """Deletes every file (object) under the folder ``prefix``, and locally the folder itself.
+
+    Deleting a folder that does not exist is not an error.
+    """
+    if is_s3(prefix):
+        # Listed in full first: deleting while paginating must not disturb the listing.
+        for info in list(s3.list_objects(prefix)):
+            s3.delete(info.uri)
+        return
+    path = local_path(prefix)
+    if path.is_dir():
+        shutil.rmtree(path)
 
 
 def size(uri: str) -> int:
@@ -142,6 +192,16 @@ def open_read(uri: str) -> BinaryIO:
     if not is_s3(uri):
         return _existing_file(uri).open("rb")
     return io.BufferedReader(s3.S3RangeReader(uri), buffer_size=1024 * 1024)
+
+
+def sha256(uri: str) -> str:
+    """The sha256 (hex) of the file (object) at ``uri``, streamed rather than read whole.
+
+    Raises:
+        FileNotFoundError: Nothing exists at ``uri``.
+    """
+    with open_read(uri) as stream:
+        return hashlib.file_digest(stream, "sha256").hexdigest()
 
 
 def read_bytes(uri: str) -> bytes:

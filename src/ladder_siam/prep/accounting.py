@@ -10,9 +10,9 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from ladder_siam.data.manifest import ShardEntry, SkippedInput
+from ladder_siam.data.manifest import AnnotationChange, ShardEntry, SkippedInput
 from ladder_siam.runtime.metrics import push_job_metrics
 from ladder_siam.runtime.run_folder import run_of
 
@@ -21,10 +21,11 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class SplitOutcome:
-    """One split's shards, in order, and every input it left out, with the reason."""
+    """One split's shards, in order, every input it left out, and the annotations it changed."""
 
     shards: list[ShardEntry]
     skipped: list[SkippedInput]
+    changes: list[AnnotationChange] = field(default_factory=list)
 
     @property
     def num_samples(self) -> int:
@@ -32,8 +33,8 @@ class SplitOutcome:
         return sum(shard.num_samples for shard in self.shards)
 
 
-def by_reason(skipped: Iterable[SkippedInput]) -> str:
-    """``"corrupt 2, missing-image 1"``: skipped inputs counted by reason."""
+def by_reason(skipped: Iterable[SkippedInput | AnnotationChange]) -> str:
+    """``"corrupt 2, missing-image 1"``: skipped inputs (or changes) counted by reason."""
     reasons = Counter(item.reason for item in skipped)
     return ", ".join(f"{reason} {count}" for reason, count in sorted(reasons.items()))
 
@@ -62,6 +63,12 @@ def log_summary(outcomes: Mapping[str, SplitOutcome], rate: float) -> None:
         "done: %d found, %d written, %d skipped%s; %.1f img/s",
         written + len(skipped), written, len(skipped), f" ({reasons})" if reasons else "", rate,
     )  # fmt: skip
+    changes = [change for outcome in outcomes.values() for change in outcome.changes]
+    if changes:
+        logger.info(
+            "annotations changed on kept images: %d (%s); each is listed in its split manifest",
+            len(changes), by_reason(changes),
+        )  # fmt: skip
     for split, outcome in sorted(outcomes.items()):
         logger.info(
             "  %s: %d samples in %d shards", split, outcome.num_samples, len(outcome.shards)
@@ -98,6 +105,8 @@ def push_metrics(
                 "shards_written": shards_written.get(split, 0),
                 "samples": outcome.num_samples,
                 "samples_skipped": len(outcome.skipped),
+                "annotations_dropped": sum(c.action == "dropped" for c in outcome.changes),
+                "annotations_clipped": sum(c.action == "clipped" for c in outcome.changes),
                 "prepare_duration_seconds": duration_s,
             },
             run=run_of(dest),

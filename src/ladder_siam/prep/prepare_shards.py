@@ -5,7 +5,9 @@ inputs, so every shard mixes all classes and the same inputs and seed always giv
 byte-identical shards. Shards are written in parallel by a process pool, each atomically and
 followed by a small receipt; the split manifests and then the dataset manifest are written
 last and are the commit point. A rerun (after a crash, or on unchanged data) reuses every
-shard whose receipt matches and only writes what is missing.
+shard whose receipt matches and whose bytes still hash to the receipt's sha256, and writes the
+rest. Once committed, the files of any split the previous run's dataset manifest listed but
+this one does not are deleted, so no split that left the source stays readable.
 
 Invalid inputs never stop the job: they are left out and listed in the manifest with a reason.
 An input that cannot be *read* (denied, or still failing after the retries) is not invalid: its
@@ -32,6 +34,7 @@ import numpy as np
 from ladder_siam.data.manifest import (
     MANIFEST_NAME,
     DatasetManifest,
+    ManifestError,
     ShardEntry,
     SkippedInput,
     SplitManifest,
@@ -42,8 +45,9 @@ from ladder_siam.io import storage
 from ladder_siam.prep import accounting
 from ladder_siam.prep.accounting import SplitOutcome
 from ladder_siam.prep.images import InvalidImageError
+from ladder_siam.prep.listing import SourceItem, SourceListing
 from ladder_siam.prep.samples import FIELDS, build_sample
-from ladder_siam.prep.sources import LAYOUTS, SourceItem, SourceListing, list_source
+from ladder_siam.prep.sources import LAYOUTS, list_source
 from ladder_siam.runtime.progress import Progress
 
 logger = logging.getLogger(__name__)
@@ -51,9 +55,12 @@ logger = logging.getLogger(__name__)
 RECEIPTS = "_receipts"
 # Reading ahead hides object-storage latency (tens of ms per GET) behind decoding.
 READ_AHEAD = 16
+# Kept shards verified at once on a rerun.
+VERIFY_THREADS = 8
 # Bumped whenever the sample format or the rules for skipping change, so old receipts are not
-# reused (2: labels are checked: mask values against the classes, RLEs by decoding them).
-SAMPLE_FORMAT_VERSION = 2
+# reused (2: labels are checked: mask values against the classes, RLEs by decoding them;
+# 3: COCO records validated before listing, boxes clipped, VOC lines kept whole).
+SAMPLE_FORMAT_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -158,12 +165,13 @@ def prepare_shards(
 
     receipts: dict[tuple[str, int], ShardReceipt] = {}
     pending = []
-    for task in tasks:
-        receipt = _reusable_receipt(task)
-        if receipt is None:
-            pending.append(task)
-        else:
-            receipts[(task.split, task.index)] = receipt
+    # Each kept shard is hashed; threads overlap the reads' storage latency.
+    with ThreadPoolExecutor(max_workers=VERIFY_THREADS) as pool:
+        for task, receipt in zip(tasks, pool.map(_reusable_receipt, tasks), strict=True):
+            if receipt is None:
+                pending.append(task)
+            else:
+                receipts[(task.split, task.index)] = receipt
     if receipts:
         logger.info("resuming: %d of %d shards are already complete", len(receipts), len(tasks))
 
@@ -184,7 +192,7 @@ def prepare_shards(
     processed = sum(len(task.items) for task in pending)
     written_rate = processed / max(time.monotonic() - start, 1e-9)
 
-    manifest = _commit(dest, source, listing, outcomes, seed, max_side)
+    manifest = _commit(dest, source, listing, outcomes, seed, max_side, shard_size)
     accounting.log_summary(outcomes, written_rate)
     written = Counter(task.split for task in pending)
     accounting.push_metrics(dest, layout, outcomes, written, time.monotonic() - started)
@@ -268,7 +276,7 @@ def _receipt_uri(task: ShardTask) -> str:
 
 
 def _reusable_receipt(task: ShardTask) -> ShardReceipt | None:
-    """The receipt of an already finished, matching shard, or None when it must be written."""
+    """The receipt of an already finished, matching, intact shard, or None to write it."""
     try:
         data = json.loads(storage.read_text(_receipt_uri(task)))
         receipt = ShardReceipt(
@@ -284,6 +292,14 @@ def _reusable_receipt(task: ShardTask) -> ShardReceipt | None:
     shard_uri = storage.join_under(task.dest, task.name)
     if not storage.exists(shard_uri) or storage.size(shard_uri) != receipt.shard.bytes:
         return None
+    # A shard damaged in place keeps its size; only its bytes tell, and readers check them.
+    actual = storage.sha256(shard_uri)
+    if actual != receipt.shard.sha256:
+        logger.warning(
+            "%s: sha256 %s but its receipt recorded %s: the shard was altered or damaged; "
+            "writing it again", shard_uri, actual, receipt.shard.sha256,
+        )  # fmt: skip
+        return None
     return receipt
 
 
@@ -296,7 +312,8 @@ def _outcomes(
         split_receipts = [receipts[(t.split, t.index)] for t in tasks if t.split == split]
         skipped = list(listing.skipped.get(split, []))
         skipped += [s for r in split_receipts for s in r.skipped]
-        outcomes[split] = SplitOutcome([r.shard for r in split_receipts], skipped)
+        changes = listing.changes.get(split, [])
+        outcomes[split] = SplitOutcome([r.shard for r in split_receipts], skipped, changes)
     return outcomes
 
 
@@ -307,8 +324,13 @@ def _commit(
     outcomes: dict[str, SplitOutcome],
     seed: int,
     max_side: int | None,
+    shard_size: int,
 ) -> DatasetManifest:
-    """Writes the split manifests, then the dataset manifest (the commit point)."""
+    """Writes the split manifests, then the dataset manifest (the commit point).
+
+    Then deletes the splits that the dataset manifest it replaced listed and it does not.
+    """
+    previous = _previous_splits(dest)
     splits: dict[str, SplitSummary] = {}
     for split, outcome in outcomes.items():
         manifest = SplitManifest(
@@ -321,6 +343,10 @@ def _commit(
             fields=FIELDS[listing.layout],
             seed=seed,
             max_side=max_side,
+            category_ids=listing.category_ids,
+            annotation_changes=outcome.changes,
+            source=source,
+            shard_size=shard_size,
         )
         split_dest = storage.join_under(dest, split)
         storage.write_text(storage.join(split_dest, MANIFEST_NAME), manifest.to_json())
@@ -333,10 +359,34 @@ def _commit(
         classes=listing.classes,
         splits=splits,
         source=source,
+        category_ids=listing.category_ids,
         location=dest,
     )
     storage.write_text(storage.join(dest, MANIFEST_NAME), dataset.to_json())
+    for split in sorted(previous - set(splits)):
+        storage.delete_folder(storage.join_under(dest, split))
+        logger.warning("%s: removed split %r: it is no longer in %s", dest, split, source)
     return dataset
+
+
+def _previous_splits(dest: str) -> set[str]:
+    """The splits of the dataset manifest already at ``dest``: the only ones a rerun deletes.
+
+    Only a split this step recorded is ever deleted; without a readable dataset manifest
+    nothing is.
+    """
+    uri = storage.join(dest, MANIFEST_NAME)
+    try:
+        previous = DatasetManifest.from_json(storage.read_text(uri), dest)
+    except FileNotFoundError:
+        return set()
+    except ManifestError as error:
+        logger.warning("%s; no split of the dataset it describes will be removed", error)
+        return set()
+    # This step names a split's folder with one plain name; any other entry was not written
+    # by it and could name a folder it never made.
+    plain = {split for split in previous.splits if "/" not in split}
+    return plain - {"", ".", ".."}
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -21,7 +21,7 @@ from ladder_siam.data.tar_shards import Sample
 from ladder_siam.io import storage
 from ladder_siam.prep import images
 from ladder_siam.prep.images import InvalidImageError, NormalizedImage
-from ladder_siam.prep.sources import SourceItem
+from ladder_siam.prep.listing import SourceItem
 
 FIELDS = {
     "imagefolder": ["jpg", "cls"],
@@ -59,7 +59,7 @@ def build_sample(
     if layout == "coco":
         assert item.annotation is not None
         record = item.annotation
-        size = (int(record["width"]), int(record["height"]))
+        size = (record["width"], record["height"])
         image = _normalize_to_size(data, max_side, size, "annotation")
         instances = _coco_instances(record, image, category_index)
         return {"__key__": key, "jpg": image.jpeg, "json": json.dumps(instances)}
@@ -119,25 +119,20 @@ def _encode_mask(mask: Image.Image, image: NormalizedImage) -> bytes:
 def _coco_instances(
     record: dict[str, Any], image: NormalizedImage, category_index: dict[int, int]
 ) -> dict[str, Any]:
-    height, width = int(record["height"]), int(record["width"])
+    """The shard's instances of one validated record (``prep.coco``), scaled with its image."""
+    height, width = record["height"], record["width"]
     instances = []
     for annotation in record["annotations"]:
-        try:
-            x, y, w, h = (float(v) * image.scale for v in annotation["bbox"])
-            category = category_index[int(annotation["category_id"])]
-            rle = _to_rle(annotation.get("segmentation"), height, width)
-        except (KeyError, ValueError, TypeError) as error:
-            raise InvalidImageError(
-                "bad-annotation", f"annotation {annotation.get('id')}: {error!r}"
-            ) from error
+        x, y, w, h = (v * image.scale for v in annotation["bbox"])
+        rle = _to_rle(annotation["segmentation"], height, width)
         if rle is not None and image.scale != 1.0:
             rle = _resize_rle(rle, image.width, image.height)
         instances.append(
             {
                 "bbox": [x, y, w, h],
-                "category": category,
-                "category_id": int(annotation["category_id"]),
-                "iscrowd": int(annotation.get("iscrowd", 0)),
+                "category": category_index[annotation["category_id"]],
+                "category_id": annotation["category_id"],
+                "iscrowd": annotation["iscrowd"],
                 "area": float(coco_mask.area(rle)) if rle is not None else w * h,
                 "segmentation": _jsonable(rle),
             }
@@ -151,29 +146,14 @@ def _coco_instances(
     }
 
 
-def _to_rle(segmentation: Any, height: int, width: int) -> dict[str, Any] | None:
-    """Any COCO segmentation (polygons, uncompressed or compressed RLE) as compressed RLE."""
-    if not segmentation:
+def _to_rle(segmentation: dict[str, Any] | None, height: int, width: int) -> dict[str, Any] | None:
+    """A validated segmentation (polygons, or run lengths covering the image) as compressed RLE."""
+    if segmentation is None:
         return None
-    if isinstance(segmentation, list):
-        polygons = [p for p in segmentation if len(p) >= 6]
-        if not polygons:
-            raise ValueError("polygon with fewer than three points")
-        return coco_mask.merge(coco_mask.frPyObjects(polygons, height, width))
-    if isinstance(segmentation["counts"], list):
-        return coco_mask.frPyObjects(segmentation, height, width)
-    counts = segmentation["counts"]
-    rle = {
-        "size": [int(v) for v in segmentation["size"]],
-        "counts": counts.encode() if isinstance(counts, str) else counts,
-    }
-    if rle["size"] != [height, width]:
-        raise ValueError(f"RLE of size {rle['size']} on a {height}x{width} image")
-    # Decoding raises on counts that overrun the image; counts that fall short decode into
-    # whatever memory held, so the decoded area must also match the counts' own.
-    if int(coco_mask.decode(rle).sum()) != int(coco_mask.area(rle)):
-        raise ValueError("RLE counts do not cover the image")
-    return rle
+    if "polygons" in segmentation:
+        return coco_mask.merge(coco_mask.frPyObjects(segmentation["polygons"], height, width))
+    runs = {"size": [height, width], "counts": segmentation["counts"]}
+    return coco_mask.frPyObjects(runs, height, width)
 
 
 def _resize_rle(rle: dict[str, Any], width: int, height: int) -> dict[str, Any]:
