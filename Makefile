@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEMO   ?= demo_output
 
-.PHONY: setup demo test lint format clean
+.PHONY: setup demo test test-fast lint format clean
 
 setup: $(STAMP)
 
@@ -31,6 +31,10 @@ demo: setup
 
 test: setup
 	$(BIN)/pytest
+
+# The everyday tier (<= 3 min on 2 cores): no slow or integration tests. `make test` runs all.
+test-fast: setup
+	$(BIN)/pytest -m "not slow and not integration"
 
 lint: setup
 	$(BIN)/ruff check .

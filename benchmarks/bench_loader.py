@@ -49,7 +49,7 @@ from ladder_siam.prep.prepare_shards import prepare_shards
 from ladder_siam.prep.scenes import CLASS_NAMES, render_scene
 from ladder_siam.pretrain.augmentation import TwoViewPhotometric
 from ladder_siam.pretrain.config import PretrainConfig
-from ladder_siam.pretrain.train import build_dataset
+from ladder_siam.pretrain.views import build_dataset
 
 BATCH = 64
 WIDTH, HEIGHT = 400, 350  # about ImageNet's mean image size

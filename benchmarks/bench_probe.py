@@ -38,7 +38,7 @@ from ladder_siam.evals.probe.features import (
     extract_features,
     to_model_input,
 )
-from ladder_siam.evals.probe.heads import StageHeads, evaluate_heads, summed_loss, train_heads
+from ladder_siam.evals.probe.heads import StageHeads, evaluate_heads, stage_losses, train_heads
 from ladder_siam.nets.archs import STAGES
 from ladder_siam.nets.backbones import torchvision_resnet
 from ladder_siam.prep.demo_data import make_demo_data
@@ -71,7 +71,7 @@ def baseline(
                 features = model(to_model_input(images, CPU))
             for group in optimizer.param_groups:
                 group["lr"] = float(schedule[step])
-            loss = summed_loss(heads(features), labels)
+            loss = stage_losses(heads(features), labels)["loss"]
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

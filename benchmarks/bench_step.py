@@ -31,13 +31,8 @@ import torch
 
 from ladder_siam.pretrain.config import PretrainConfig
 from ladder_siam.pretrain.monitor import OnlineMonitor
-from ladder_siam.pretrain.train import (
-    Trainer,
-    build_augment,
-    build_model,
-    build_optimizer,
-    training_step,
-)
+from ladder_siam.pretrain.train import Trainer, build_model, build_optimizer, training_step
+from ladder_siam.pretrain.views import build_augment
 from ladder_siam.runtime.distributed import DistributedEnv
 from ladder_siam.runtime.metrics import TrainingMetrics
 from ladder_siam.runtime.schedules import ema_tau, warmup_cosine
@@ -61,16 +56,17 @@ def make_trainer(
         hidden_dim=args.hidden_dim, projection_dim=args.projection_dim, **VARIANTS[variant],
     )  # fmt: skip
     torch.manual_seed(0)
-    model = build_model(config, device)
+    env = DistributedEnv(0, 0, 1, device)
+    model = build_model(config, env)
     total = args.warmup + args.steps
     watcher = None
     if monitor:
         watcher = OnlineMonitor(
-            model.backbone.channels, list(model.supervised), config.projection_dim,
+            model.online.backbone.channels, list(model.supervised), config.projection_dim,
             args.classes, config.online_probe_lr, args.rank_every, config.batch_size, device,
         )  # fmt: skip
     return Trainer(
-        config=config, env=DistributedEnv(0, 0, 1, device), model=model,
+        config=config, env=env, model=model, ddp_model=model,
         step_model=torch.compile(model) if config.compile else model,
         optimizer=build_optimizer(model, config),
         lr=warmup_cosine(1.0, total, 1), tau=ema_tau(0.99, total),

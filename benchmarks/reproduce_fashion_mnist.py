@@ -28,7 +28,7 @@ Pretraining resumes from its newest checkpoint and the import is skipped when pr
 rerun after an interruption continues rather than starting over.
 
 The GPU run (issue 20; ``benchmarks/gpu_suite.sh fmnist``): 60k images, preset
-``configs/fashion_mnist_r18.yaml`` (batch 512, bf16), BYOL and Ladder-BYOL x seeds 0, 1, 2 =
+``fashion_mnist_r18`` (batch 512, bf16), BYOL and Ladder-BYOL x seeds 0, 1, 2 =
 six arms at once on one GPU, eager. Estimated, not measured: the H100's ResNet-50 step (1,230
 pairs/s eager bf16, BENCHMARKS.md) scaled by FLOPs (4.1 vs 0.56 GFLOPs per 32 px small-input
 ResNet-18 image) gives about 8k pairs/s for the GPU as a whole, so six arms of 30 epochs (10.8M
@@ -43,7 +43,7 @@ The CPU preparation of that command (the same arms and seeds; a few minutes on 2
     python benchmarks/reproduce_fashion_mnist.py --out /tmp/fmnist-smoke --train-limit 600 \\
         --epochs 1 --seeds 0,1,2 --parallel 7 --workers 0 --probe-epochs 2
 
-Reduced run on a CPU (preset ``configs/fashion_mnist_r18_cpu.yaml``, fp32, picked when no GPU
+Reduced run on a CPU (preset ``fashion_mnist_r18_cpu``, fp32, picked when no GPU
 is present). 3,000 training images, 6 epochs of batch 64 (276 steps): about 19 image pairs/s
 on one core, so ~16 minutes per arm, pinned to one core::
 
@@ -72,12 +72,12 @@ from typing import Any
 
 import torch
 import torchvision
-import yaml
 
 import ladder_siam
 from ladder_siam.kube.arms import arm_name
 from ladder_siam.nets.archs import STAGES
 from ladder_siam.prep.fashion_mnist import CLASS_NAMES
+from ladder_siam.pretrain.config import load_preset, resolve_preset
 from ladder_siam.pretrain.levels import METHODS
 from ladder_siam.report.comparisons import (
     STAGE_METRICS,
@@ -92,8 +92,9 @@ from ladder_siam.runtime.run_folder import RunFolder
 from ladder_siam.runtime.train_log import read_train_log
 
 REPO = Path(__file__).resolve().parents[1]
-GPU_PRESET = REPO / "configs" / "fashion_mnist_r18.yaml"
-CPU_PRESET = REPO / "configs" / "fashion_mnist_r18_cpu.yaml"
+# Presets shipped with the package (ladder_siam/pretrain/presets/).
+GPU_PRESET = "fashion_mnist_r18"
+CPU_PRESET = "fashion_mnist_r18_cpu"
 # The control row: a backbone after one BYOL step, i.e. nearly its random initialisation.
 # Random features are strong on Fashion-MNIST; a trained run must beat them to mean anything.
 CONTROL = "init-1step"
@@ -374,9 +375,9 @@ def parse_args() -> argparse.Namespace:
         "shared: keep parallel x workers below the core count",
     )  # fmt: skip
     parser.add_argument(
-        "--config", type=Path, default=None,
-        help=f"pretraining preset (default: {GPU_PRESET.name} with a GPU, else "
-        f"{CPU_PRESET.name})",
+        "--config", default=None,
+        help=f"pretraining preset: a packaged preset's name or a YAML file (default: "
+        f"{GPU_PRESET} with a GPU, else {CPU_PRESET})",
     )  # fmt: skip
     parser.add_argument(
         "--fashion-mnist-dir", type=Path, default=Path("/usr/share/datasets/fashion-mnist"),
@@ -406,7 +407,7 @@ def parse_args() -> argparse.Namespace:
         parser.error(f"--parallel {args.parallel}: at least 1")
     if args.config is None:
         args.config = GPU_PRESET if torch.cuda.is_available() else CPU_PRESET
-    preset = yaml.safe_load(args.config.read_text())
+    preset = load_preset(resolve_preset(args.config))
     args.epochs = args.epochs or preset["epochs"]
     args.batch_size = args.batch_size or preset["batch_size"]
     args.workers = preset["workers"] if args.workers is None else args.workers
@@ -421,7 +422,7 @@ def main() -> None:
     start = time.perf_counter()
     out = args.out
     timings: dict[str, float] = {}
-    preset = yaml.safe_load(args.config.read_text())
+    preset = load_preset(resolve_preset(args.config))
 
     # 1. The dataset. README.md is written last by the import, so it marks a complete one.
     raw = out / "data" / "fashion-mnist"
@@ -491,7 +492,7 @@ def main() -> None:
     # With one seed, the probe's per-image results give the test set's exact interval.
     comparisons = compare_arms(arms, STAGE_METRICS, OneSeedIntervals())
     settings = {
-        "preset": str(args.config), **common, "train_limit": args.train_limit,
+        "preset": args.config, **common, "train_limit": args.train_limit,
         "epochs": args.epochs, "batch_size": args.batch_size, "image_size": preset["image_size"],
         "arch": preset["arch"], "small_input": preset["small_input"],
         "precision": preset["precision"], "methods": args.methods, "seeds": args.seeds,

@@ -25,6 +25,7 @@ from torch import nn
 
 from ladder_siam.pretrain.config import PretrainConfig
 from ladder_siam.pretrain.train import build_model
+from ladder_siam.runtime.distributed import DistributedEnv
 
 # NCCL all-reduce bus bandwidth between nodes (GB/s), by interconnect: one 200 Gb/s HDR NIC
 # per node, four, or eight (a DGX A100 as built). Measured busbw is ~80-90% of line rate.
@@ -44,7 +45,7 @@ def model_counts(arch: str, method: str) -> tuple[int, int]:
     collective per BN layer; it has no backward).
     """
     config = PretrainConfig(shards="-", out="-", method=method, arch=arch)
-    model = build_model(config, torch.device("cpu"))
+    model = build_model(config, DistributedEnv(0, 0, 1, torch.device("cpu")))
     parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     online = sum(1 for norm in norms if norm.weight.requires_grad)

@@ -151,8 +151,9 @@ def ladder_siam_pipeline(
             (GGGG). Each is trained once per seed.
         pretrain_seeds: Seeds, e.g. [0, 1, 2]; the same seed pairs two methods. Two or more
             give a 95 % interval over seeds; one seed has only the test set's sampling error.
-        pretrain_config: Preset in the image's configs/ (the paper's recipes); the pretrain_
-            parameters override it.
+        pretrain_config: Pretraining preset: a name shipped with the package (the paper's
+            recipes, e.g. ladder-byol_r50_in1k_200ep; tiny_cpu), or a YAML file's path or URI;
+            the pretrain_ parameters override it.
         pretrain_arch: resnet18, resnet34, resnet50 or resnet101.
         pretrain_epochs: Pretraining epochs.
         pretrain_batch_size: Global batch over all GPUs; must divide by nodes x GPUs per node.

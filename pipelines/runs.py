@@ -31,6 +31,7 @@ from typing import Any
 import yaml
 
 from ladder_siam import IMAGE, __version__
+from ladder_siam.errors import UsageError
 from ladder_siam.io import storage
 
 logger = logging.getLogger(__name__)
@@ -99,7 +100,7 @@ def _yaml(text: str, where: str) -> Any:
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as error:
-        raise ValueError(f"{where}: not valid YAML: {error}") from error
+        raise UsageError(f"{where}: not valid YAML: {error}") from error
 
 
 # Parameters that changed their meaning, with what a params file should say instead.
@@ -113,27 +114,27 @@ def load_params(params_file: str | None, assignments: list[str]) -> dict[str, An
     """Merges ``--params FILE`` and ``--param NAME=VALUE`` and checks every name.
 
     Raises:
-        ValueError: An assignment without ``=``, text that is not YAML, a file that is not a
+        UsageError: An assignment without ``=``, text that is not YAML, a file that is not a
             mapping, or a name the pipeline does not have.
     """
     params: dict[str, Any] = {}
     if params_file:
         loaded = _yaml(storage.read_text(params_file), f"--params {params_file}") or {}
         if not isinstance(loaded, dict):
-            raise ValueError(f"--params {params_file}: not a YAML mapping of name: value")
+            raise UsageError(f"--params {params_file}: not a YAML mapping of name: value")
         params.update(loaded)
     for assignment in assignments:
         name, equals, value = assignment.partition("=")
         if not equals:
-            raise ValueError(f"--param {assignment!r}: expected NAME=VALUE")
+            raise UsageError(f"--param {assignment!r}: expected NAME=VALUE")
         params[name.strip()] = _yaml(value, f"--param {assignment!r}")
     for old, new in RENAMED.items():
         if old in params:
-            raise ValueError(f"{old}: replaced by {new}")
+            raise UsageError(f"{old}: replaced by {new}")
     known = parameter_names()
     unknown = sorted(set(params) - set(known))
     if unknown:
-        raise ValueError(f"unknown pipeline parameters {unknown}; known: {', '.join(known)}")
+        raise UsageError(f"unknown pipeline parameters {unknown}; known: {', '.join(known)}")
     return params
 
 
@@ -195,7 +196,7 @@ def check_cron(cron: str) -> str:
     fields = cron.split()
     if len(fields) != 6:
         hint = f"; did you mean '0 {cron}'?" if len(fields) == 5 else ""
-        raise ValueError(
+        raise UsageError(
             f"--cron {cron!r}: KFP takes 6 fields (seconds minutes hours day month weekday){hint}"
         )
     return " ".join(fields)

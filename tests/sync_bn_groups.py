@@ -3,6 +3,7 @@ model synchronises with (``tests/test_pretrain.py`` reads it)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 
@@ -13,14 +14,19 @@ from torch import nn
 from ladder_siam.pretrain.config import PretrainConfig
 from ladder_siam.pretrain.train import build_model
 from ladder_siam.runtime import distributed
+from ladder_siam.runtime.loop import convert_sync_bn
 
 if __name__ == "__main__":
     env = distributed.setup()
     config = PretrainConfig(
-        shards="-", out="-", arch="resnet18", small_input=True, hidden_dim=64,
-        projection_dim=32, sync_bn=True, sync_bn_scope=sys.argv[1],
-    )  # fmt: skip
-    model = build_model(config, torch.device("cpu"), distributed.batchnorm_group(sys.argv[1]))
+        shards="-", out="-", arch="resnet18", small_input=True, hidden_dim=64, projection_dim=32
+    )
+    model = build_model(config, env)
+    # SyncBatchNorm runs on GPUs only, but converting only swaps modules: a CUDA env on CPU
+    # shows which ranks each layer would share its statistics with.
+    model = convert_sync_bn(
+        model, dataclasses.replace(env, device=torch.device("cuda")), sys.argv[1]
+    )
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     groups = sorted(
         {

@@ -25,11 +25,11 @@ import pytest
 from annotated_sources import image_size, save_image, save_mask, write_coco
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
+from split_samples import split_samples
 
 from ladder_siam.cli import main as cli
 from ladder_siam.data.manifest import load_split
 from ladder_siam.data.shards import decode_sample
-from ladder_siam.data.tar_shards import iter_samples
 from ladder_siam.io import storage
 
 EXAMPLES = int(os.environ.get("LADDER_SIAM_FUZZ_EXAMPLES", "30"))
@@ -148,14 +148,6 @@ def _prepare(source: Path, dest: Path, layout: str, caplog: pytest.LogCaptureFix
     return status
 
 
-def _samples(dest: Path) -> list[dict]:
-    samples = []
-    for uri in load_split(storage.join(str(dest), "train")).shard_uris():
-        with storage.open_read(uri) as stream:
-            samples.extend(iter_samples(stream))
-    return samples
-
-
 def _shard_bytes(dest: Path) -> list[bytes]:
     return [
         Path(storage.local_path(uri)).read_bytes() for uri in load_split(str(dest)).shard_uris()
@@ -169,7 +161,7 @@ def _expected_box(bbox: list[float], width: int, height: int) -> list[float]:
 
 
 def _check_coco_labels(document: dict[str, Any], dest: Path) -> None:
-    for raw in _samples(dest):
+    for raw in split_samples(str(dest / "train")):
         sample = decode_sample(raw)
         record = sample.instances
         index = int(record["file_name"].removesuffix(".jpg"))
@@ -255,7 +247,7 @@ def test_random_voc_lists_lose_no_image_and_move_no_mask(
         split = load_split(str(Path(folder) / "a" / "train"))
         lines = listing.decode("utf-8-sig").split("\n")
         assert split.num_samples + len(split.skipped) == sum(bool(line.strip()) for line in lines)
-        for raw in _samples(Path(folder) / "a"):
+        for raw in split_samples(str(Path(folder) / "a" / "train")):
             sample = decode_sample(raw)
             index = [image_size(i) for i in range(len(VOC_IDS))].index(sample.image.size)
             assert set(np.unique(np.asarray(sample.mask))) == {index}, (

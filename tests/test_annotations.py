@@ -16,25 +16,17 @@ import numpy as np
 import pytest
 from annotated_sources import image_size, save_image, save_mask, write_coco
 from PIL import Image
+from split_samples import split_samples
 
 from ladder_siam.cli import main as cli
 from ladder_siam.data.manifest import load_split
 from ladder_siam.data.shards import decode_sample
-from ladder_siam.data.tar_shards import iter_samples
 from ladder_siam.evals.detection.data import instance_targets
 from ladder_siam.io import storage
 from ladder_siam.prep.prepare_shards import prepare_shards
 from ladder_siam.prep.sources import list_source
 
 CATEGORIES = [{"id": 1, "name": "cat"}, {"id": 5, "name": "dog"}]
-
-
-def _samples(split_uri: str) -> list[dict]:
-    samples = []
-    for uri in load_split(split_uri).shard_uris():
-        with storage.open_read(uri) as stream:
-            samples.extend(iter_samples(stream))
-    return samples
 
 
 def _image(index: int, name: str | None = None) -> dict:
@@ -152,7 +144,7 @@ def test_the_kept_images_keep_exactly_their_own_valid_annotations_in_the_shards(
     assert split.num_samples == 2 and len(split.skipped) == 8
     assert len(split.annotation_changes) == 16, "dropped and clipped annotations are listed"
 
-    for raw in _samples(storage.join(dest, "train")):
+    for raw in split_samples(storage.join(dest, "train")):
         sample = decode_sample(raw)
         record = sample.instances
         index = record["image_id"]
@@ -257,7 +249,7 @@ def test_voc_lines_are_kept_whole_and_a_byte_order_mark_is_not_part_of_an_id(
         ("duplicate-id", ["line", "5"])
     ]
     # Each image keeps its own mask: image i was drawn with class i everywhere.
-    for raw in _samples(storage.join(dest, "train")):
+    for raw in split_samples(storage.join(dest, "train")):
         image = Image.open(io.BytesIO(raw["jpg"]))
         index = [image_size(i) for i in range(3)].index(image.size)
         assert set(np.unique(np.asarray(Image.open(io.BytesIO(raw["png"]))))) == {index}
@@ -361,7 +353,7 @@ def test_no_label_moves_to_another_image(tmp_path: Path) -> None:
     (root / "train" / "class1" / "broken.jpg").write_bytes(b"not a jpeg")
     dest = str(tmp_path / "shards")
     prepare_shards(str(root), dest, shard_size=5, workers=2, seed=3)
-    samples = _samples(storage.join(dest, "train"))
+    samples = split_samples(storage.join(dest, "train"))
     assert len(samples) == 12
     for raw in samples:
         pixel = np.asarray(Image.open(io.BytesIO(raw["jpg"])).convert("RGB"))[5, 5]

@@ -45,6 +45,7 @@ def s3_run(s3_bucket: str) -> str:
     return run
 
 
+@pytest.mark.integration
 def test_list_gives_relative_paths_and_sizes(
     s3_run: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -57,6 +58,7 @@ def test_list_gives_relative_paths_and_sizes(
     assert [line.split() for line in lines] == [[str(f.size), f.path] for f in files]
 
 
+@pytest.mark.integration
 def test_pull_fetches_everything_but_checkpoints(s3_run: str, tmp_path: Path) -> None:
     dest = tmp_path / "run"
     assert cli(["artifacts", "pull", s3_run, "--to", str(dest)]) == 0
@@ -64,12 +66,14 @@ def test_pull_fetches_everything_but_checkpoints(s3_run: str, tmp_path: Path) ->
     assert not list(dest.rglob("*.tmp")), "no temporary files are left behind"
 
 
+@pytest.mark.integration
 def test_pull_fetches_checkpoints_when_asked(s3_run: str, tmp_path: Path) -> None:
     fetched = pull(s3_run, str(tmp_path), checkpoints=True, threads=3)
     assert fetched == sorted(RUN_FILES)
     assert _local_files(tmp_path) == RUN_FILES
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     ("only", "expected"),
     [
@@ -87,6 +91,7 @@ def test_pull_only(s3_run: str, tmp_path: Path, only: list[str], expected: list[
     assert sorted(_local_files(tmp_path)) == expected
 
 
+@pytest.mark.integration
 def test_rerun_skips_complete_files_and_refetches_wrong_sizes(s3_run: str, tmp_path: Path) -> None:
     assert pull(s3_run, str(tmp_path)) == WITHOUT_CHECKPOINTS
     # An interrupted copy made by other means, and a stale file from an older state of the run.
@@ -102,6 +107,7 @@ def test_rerun_skips_complete_files_and_refetches_wrong_sizes(s3_run: str, tmp_p
     assert pull(s3_run, str(tmp_path)) == []
 
 
+@pytest.mark.integration
 def test_run_without_files_is_an_error(
     s3_bucket: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -113,6 +119,7 @@ def test_run_without_files_is_an_error(
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.integration
 def test_only_matching_nothing_is_an_error(s3_run: str, tmp_path: Path) -> None:
     with pytest.raises(
         ValueError, match=re.escape("--only 'backbone.ckpt': matches nothing")
@@ -125,6 +132,7 @@ def test_only_matching_nothing_is_an_error(s3_run: str, tmp_path: Path) -> None:
     assert not list(tmp_path.iterdir()), "nothing is fetched when a pattern is wrong"
 
 
+@pytest.mark.integration
 def test_pull_needs_a_destination(s3_run: str, caplog: pytest.LogCaptureFixture) -> None:
     assert cli(["artifacts", "pull", s3_run]) == 2
     assert "--to DIR is required" in caplog.text
@@ -139,6 +147,7 @@ def test_pull_from_a_local_run(tmp_path: Path) -> None:
     assert _local_files(dest) == RUN_FILES
 
 
+@pytest.mark.integration
 def test_a_key_that_climbs_out_of_the_run_is_refused(s3_bucket: str, tmp_path: Path) -> None:
     run = storage.join(s3_bucket, "runs", "odd")
     storage.write_bytes(storage.join(run, "backbone.pt"), b"weights")

@@ -163,6 +163,7 @@ def test_splits_partition_ids_and_jpegs_are_shared(demo: Path) -> None:
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_s3_destination_holds_the_same_files(demo: Path, s3_bucket: str) -> None:
     dest = f"{s3_bucket}/datasets/demo"
     make_demo_data(dest, images=IMAGES, size=SIZE, seed=SEED, val_fraction=VAL_FRACTION)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from pycocotools import mask as coco_mask
+from split_samples import split_samples
 
 from ladder_siam.cli import main as cli
 from ladder_siam.data.manifest import load_split
@@ -17,15 +18,9 @@ from ladder_siam.data.tar_shards import iter_samples
 from ladder_siam.io import storage
 
 
-def _samples(split_uri: str) -> list[dict]:
-    samples = []
-    for uri in load_split(split_uri).shard_uris():
-        with storage.open_read(uri) as stream:
-            samples.extend(iter_samples(stream))
-    return samples
-
-
-@pytest.mark.parametrize("where", ["local", "s3"])
+@pytest.mark.parametrize(
+    "where", ["local", pytest.param("s3", marks=[pytest.mark.integration, pytest.mark.slow])]
+)
 def test_demo_data_becomes_shards_in_all_three_layouts(where: str, tmp_path: Path, request) -> None:
     root = str(tmp_path) if where == "local" else request.getfixturevalue("s3_bucket")
     raw, datasets = storage.join(root, "raw"), storage.join(root, "datasets")
@@ -52,9 +47,9 @@ def test_demo_data_becomes_shards_in_all_three_layouts(where: str, tmp_path: Pat
     voc_classes = load_split(storage.join(datasets, "voc")).classes
     coco_samples = {
         json.loads(s["json"])["file_name"]: s
-        for s in _samples(storage.join(datasets, "coco/train"))
+        for s in split_samples(storage.join(datasets, "coco/train"))
     }
-    voc_samples = _samples(storage.join(datasets, "voc/train"))
+    voc_samples = split_samples(storage.join(datasets, "voc/train"))
     assert len(coco_samples) == len(voc_samples) == 24
     for voc in voc_samples:
         record = next(

@@ -6,6 +6,7 @@ import argparse
 import io
 import json
 import logging
+import math
 import os
 import shutil
 import subprocess
@@ -25,6 +26,7 @@ from torchvision.ops import FrozenBatchNorm2d, masks_to_boxes
 
 from ladder_siam.data.manifest import ManifestError, load_split
 from ladder_siam.data.shards import DecodedSample, decode_sample, read_shard
+from ladder_siam.evals.detection import finetune as detection_finetune
 from ladder_siam.evals.detection.coco_eval import ImageDetections, coco_evaluate
 from ladder_siam.evals.detection.config import DetectionConfig, config_from_args, make_config
 from ladder_siam.evals.detection.data import TrainTransform, instance_targets
@@ -33,7 +35,9 @@ from ladder_siam.evals.detection.model import build_mask_rcnn, param_groups
 from ladder_siam.prep.demo_data import make_demo_data
 from ladder_siam.prep.prepare_shards import prepare_shards
 from ladder_siam.pretrain.model import LadderSiam
+from ladder_siam.runtime.health import NonFiniteLossError
 from ladder_siam.runtime.resume import ResumeError
+from ladder_siam.runtime.train_log import read_train_log
 
 CLASSES = ["a", "b"]
 # Non-contiguous COCO ids: a prediction scored under its contiguous label would miss.
@@ -229,7 +233,7 @@ def tiny_config(demo: Path, out: Path, **overrides: object) -> DetectionConfig:
     settings = {
         "backbone": str(demo / "backbone.pt"), "train": str(demo / "coco"),
         "val": str(demo / "coco"), "out": str(out), "iterations": 4, "batch_size": 2,
-        "checkpoint_every": 2, "keep_checkpoints": 3, "workers": 0,
+        "log_every": 2, "checkpoint_every": 2, "keep_checkpoints": 3, "workers": 0,
         # Half the demo size: a quarter of the compute, and AP is not what is tested here.
         "min_size": 32, "max_size": 32,
     }  # fmt: skip
@@ -265,13 +269,16 @@ def test_finetune_writes_metrics_and_resumes_at_the_checkpoint(
     assert "(step 2)" in caplog.text and resumed["iterations"] == 4
     again = torch.load(io.BytesIO(final.read_bytes()), weights_only=True)["model"]
     for name, tensor in uninterrupted.items():
-        torch.testing.assert_close(again[name], tensor, msg=name)
+        assert torch.equal(again[name], tensor), name
+    # The log keeps the first run's record of step 2 and the rerun's of step 4, no duplicate.
+    log = read_train_log(str(out))
+    assert [record["step"] for record in log] == [2, 4]
+    assert all(math.isfinite(record["loss_mask"]) and record["lr"] > 0 for record in log)
 
     with pytest.raises(ResumeError, match=r"cannot resume from step 4.*base_lr: 0.08 -> 0.1"):
         finetune_detection(tiny_config(demo, out, base_lr=0.1))
 
 
-@pytest.mark.slow
 def test_a_re_exported_backbone_does_not_resume_the_old_finetune(
     demo: Path, tmp_path: Path
 ) -> None:
@@ -282,6 +289,39 @@ def test_a_re_exported_backbone_does_not_resume_the_old_finetune(
     reexport(backbone)  # same path, new bytes: the checkpoint was trained from the old ones
     with pytest.raises(ResumeError, match="backbone changed since the checkpoint"):
         finetune_detection(config)
+
+
+@pytest.mark.slow
+def test_a_non_finite_loss_stops_the_finetune_within_one_interval(
+    demo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def poisoned(*args: object, **kwargs: object) -> nn.Module:
+        """The real model, whose mask loss turns NaN in its third training step."""
+        model = build_mask_rcnn(*args, **kwargs)
+        steps = []
+
+        def nan_mask_loss(module: nn.Module, inputs: object, losses: dict) -> dict:
+            steps.append(1)
+            return (
+                {**losses, "loss_mask": losses["loss_mask"] * math.nan}
+                if len(steps) == 3
+                else losses
+            )
+
+        model.register_forward_hook(nan_mask_loss)
+        return model
+
+    monkeypatch.setattr(detection_finetune, "build_mask_rcnn", poisoned)
+    out = tmp_path / "run"
+    with pytest.raises(
+        NonFiniteLossError,
+        match=r"^detection finetune: non-finite loss in step 3: loss_mask = nan$",
+    ):
+        finetune_detection(tiny_config(demo, out))
+    # Stopped at step 4's check, before its checkpoint; no metrics.
+    assert sorted(path.name for path in (out / "checkpoints").iterdir()) == ["step-000002.pt"]
+    assert [record["step"] for record in read_train_log(str(out))] == [2]
+    assert not (out / "metrics.json").exists()
 
 
 def test_bad_inputs_fail_before_training(demo: Path, tmp_path: Path) -> None:

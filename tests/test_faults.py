@@ -50,6 +50,7 @@ def demo_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_a_denied_read_fails_prepare_shards_and_the_rerun_completes(
     proxy: FaultProxy, s3_bucket: str, demo_tree: Path
 ) -> None:
@@ -92,6 +93,7 @@ def test_a_shard_read_reset_mid_body_resumes_at_the_right_byte(
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_artifacts_pull_fails_on_a_server_error_and_the_rerun_fetches_the_rest(
     proxy: FaultProxy, s3_bucket: str, tmp_path: Path
 ) -> None:

@@ -32,11 +32,13 @@ from ladder_siam.runtime.metrics import TrainingMetrics
 
 REPO = Path(__file__).resolve().parents[1]
 K8S = REPO / "k8s"
+# Every test renders the manifests with kubectl kustomize (the module-scoped `rendered`).
+pytestmark = pytest.mark.integration
+
 KUBERNETES_VERSION = "1.32"  # kubectl's here; kubernetes-validate ships its schemas
 KUSTOMIZATIONS = ("base", "examples", "overlays/kubeflow-profile", "trainer")
 PROFILE_NAMESPACE = "kubeflow-user-example-com"
 CREDENTIALS = "s3-credentials.env"
-IMAGE_WORKDIR = "/opt/ladder-siam/"  # where images/ladder-siam/Dockerfile puts configs/
 TRAINER_LABELS = {
     "app.kubernetes.io/name": "ladder-siam",
     "app.kubernetes.io/component": "pretrain",
@@ -150,6 +152,7 @@ def test_the_trainer_runtimes_harden_their_pods_as_the_pytorchjob_does(
         assert ("podGroupPolicy" in runtime["spec"]) == (scheduler != "default"), name
 
 
+@pytest.mark.slow
 def test_every_object_validates_against_its_schema(
     rendered: dict[str, list[dict[str, Any]]],
 ) -> None:
@@ -212,11 +215,9 @@ def test_the_example_job_runs_the_trainer_as_the_manifests_expect(
     assert command[0] == "torchrun"
     assert command[command.index("-m") + 1] == "ladder_siam.pretrain"
 
-    # Its trainer arguments parse and make a valid config, the image's preset included.
+    # Its trainer arguments parse and make a valid config, the packaged preset included.
     launcher = {arg.split("=")[0]: arg.split("=")[1] for arg in command[1 : command.index("-m")]}
-    arguments = [
-        arg.replace(IMAGE_WORKDIR, f"{REPO}/") for arg in command[command.index("-m") + 2 :]
-    ]
+    arguments = command[command.index("-m") + 2 :]
     config = config_from_args(get_args_parser().parse_args(arguments))
     config.validate(world_size=int(launcher["--nnodes"]) * int(launcher["--nproc-per-node"]))
     assert int(launcher["--max-restarts"]) >= 1, "a lost worker must not fail the pod"
@@ -330,7 +331,6 @@ def rule_files(
     return directory
 
 
-@pytest.mark.integration
 def test_promtool_accepts_the_rules_and_their_unit_tests_pass(rule_files: Path) -> None:
     promtool = require_tool("/usr/bin/promtool")
     for command in (
@@ -402,7 +402,6 @@ def exporter(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[TrainingMetrics,
     metrics.close()
 
 
-@pytest.mark.integration
 @pytest.mark.slow
 def test_every_dashboard_query_returns_data_from_a_real_prometheus(
     rendered: dict[str, list[dict[str, Any]]],

@@ -36,7 +36,7 @@ from ladder_siam.prep.prepare_shards import prepare_shards
 from ladder_siam.pretrain.config import config_from_args, make_config
 from ladder_siam.pretrain.train import get_args_parser
 
-TINY = Path(__file__).parents[1] / "configs" / "tiny_cpu.yaml"
+TINY = "tiny_cpu"  # a preset shipped with the package
 DNS_1123_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 LABEL_KEY = re.compile(r"([a-z0-9.-]{1,253}/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?")
 LABEL_VALUE = re.compile(r"([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?")
@@ -44,9 +44,8 @@ SECRET_VALUE = "wJalrXUtnFEMI-not-a-real-key"
 
 
 PAPER = make_config(
-    str(Path(__file__).parents[1] / "configs" / "ladder-byol_r50_in1k_200ep.yaml"),
-    shards="s3://datasets/in1k", out="s3://runs/r50-200ep-a1",
-)  # fmt: skip
+    "ladder-byol_r50_in1k_200ep", shards="s3://datasets/in1k", out="s3://runs/r50-200ep-a1"
+)
 
 
 def launch_config(**overrides: object) -> LaunchConfig:
@@ -308,7 +307,7 @@ def test_run_local_trains_with_torchrun(tmp_path: Path) -> None:
     prepare_shards(str(tmp_path / "raw" / "imagefolder"), str(tmp_path / "shards"), shard_size=30)
     out = tmp_path / "run"
     pretrain = make_config(
-        str(TINY), shards=str(tmp_path / "shards"), out=str(out), max_steps=2, batch_size=16,
+        TINY, shards=str(tmp_path / "shards"), out=str(out), max_steps=2, batch_size=16,
         hidden_dim=32, projection_dim=16, dense_dim=8, workers=0, metrics_port=None,
     )  # fmt: skip
     run_local(launch_config(nodes=1, gpus_per_node=1, pretrain=pretrain))

@@ -8,7 +8,7 @@ from pathlib import Path
 REPO = Path(__file__).parents[1]
 # Layer of each top-level unit: a unit may import its own modules and lower layers only.
 LAYERS = {
-    "io": 0,
+    "errors": 0, "io": 0,
     "data": 1, "runtime": 1, "nets": 1,
     "prep": 2, "pretrain": 2, "evals": 2,
     "report": 3,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,9 +18,15 @@ from backbones import reexport
 
 from ladder_siam import cli
 from ladder_siam.data.manifest import load_split
+from ladder_siam.evals.probe import standard
 from ladder_siam.evals.probe.config import PRESETS, ProbeConfig
 from ladder_siam.evals.probe.features import EvalTransform, PooledStages, extract_features
-from ladder_siam.evals.probe.heads import evaluate_heads, topk_accuracy, train_heads
+from ladder_siam.evals.probe.heads import (
+    evaluate_heads,
+    stage_losses,
+    topk_accuracy,
+    train_heads,
+)
 from ladder_siam.evals.probe.knn import knn_correct, knn_scores
 from ladder_siam.evals.probe.linear_probe import linear_probe
 from ladder_siam.nets.backbone_file import load_backbone
@@ -28,8 +35,10 @@ from ladder_siam.prep.demo_data import make_demo_data
 from ladder_siam.prep.prepare_shards import prepare_shards
 from ladder_siam.pretrain.model import LadderSiam
 from ladder_siam.runtime import checkpoint
+from ladder_siam.runtime.health import NonFiniteLossError
 from ladder_siam.runtime.per_image import read_per_image
 from ladder_siam.runtime.resume import ResumeError
+from ladder_siam.runtime.train_log import TrainLog, read_train_log
 
 STAGES = ["res2", "res3", "res4", "res5"]
 
@@ -98,6 +107,49 @@ def test_heads_separate_linearly_separable_features_at_every_stage() -> None:
     shuffled = labels[test_idx][torch.randperm(int(test_idx.sum()))]
     scrambled = evaluate_heads(heads, {s: f[test_idx] for s, f in features.items()}, shuffled)
     assert all(result["top1"] < 40.0 for result in scrambled.values())
+
+
+def test_a_non_finite_stage_stops_the_heads_at_the_epochs_check(tmp_path: Path) -> None:
+    labels = torch.arange(4).repeat(8)
+    features = {"res2": torch.randn(32, 8), "res3": torch.randn(32, 8)}
+    features["res3"][5] = math.inf  # the batch that holds it makes res3's loss NaN
+    log = TrainLog(str(tmp_path), None)
+    with pytest.raises(
+        NonFiniteLossError,
+        match=r"^linear probe heads: non-finite loss in step \d: loss_res3 = nan$",
+    ) as error:
+        train_heads(features, labels, 4, epochs=3, batch_size=8, lr=0.1, report=False,
+                    train_log=log)  # fmt: skip
+    # Checked once per epoch, named by its first bad step; no record of the failed epoch.
+    assert 1 <= error.value.step <= 4 and list(error.value.values) == ["loss_res3"]
+    assert log.lines == []
+
+
+def test_a_non_finite_loss_stops_the_standard_probe_within_one_interval(
+    data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = []
+
+    def nan_at_step_3(logits: dict, labels: torch.Tensor) -> dict:
+        calls.append(1)
+        losses = stage_losses(logits, labels)
+        if len(calls) == 3:
+            losses["loss_res5"] = losses["loss_res5"] * math.nan
+            losses["loss"] = losses["loss"] + losses["loss_res5"]
+        return losses
+
+    monkeypatch.setattr(standard, "stage_losses", nan_at_step_3)
+    config = tiny_config(data, tmp_path / "out", protocol="standard", max_steps=6,
+                         batch_size=16, log_every=2, checkpoint_every=2)  # fmt: skip
+    with pytest.raises(
+        NonFiniteLossError,
+        match=r"^standard linear probe: non-finite loss in step 3: loss_res5 = nan$",
+    ):
+        linear_probe(config)
+    # Stopped at step 4's check, before its checkpoint: the run resumes from step 2.
+    assert [step for step, _ in checkpoint.list_checkpoints(config.out)] == [2]
+    assert [record["step"] for record in read_train_log(config.out)] == [2]
+    assert not (tmp_path / "out" / "metrics.json").exists()
 
 
 def test_topk_accuracy_counts_hits_and_saturates_below_k_classes() -> None:
@@ -194,7 +246,6 @@ def test_features_are_extracted_once_per_sample_over_two_ranks(data: Path) -> No
         assert torch.equal(joined_labels, single.labels[match])
 
 
-@pytest.mark.slow
 def test_fast_probe_end_to_end(
     data: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -259,7 +310,7 @@ def test_cli_rejects_bad_input_before_work(
 @pytest.mark.slow
 def test_standard_protocol_resumes_exactly(data: Path, tmp_path: Path) -> None:
     straight = tiny_config(data, tmp_path / "straight", protocol="standard", max_steps=4,
-                           batch_size=16, checkpoint_every=2)  # fmt: skip
+                           batch_size=16, log_every=2, checkpoint_every=2)  # fmt: skip
     metrics = linear_probe(straight)
     assert list(metrics["stages"]) == ["res5"] and set(metrics["stages"]["res5"]) == {
         "top1",
@@ -276,11 +327,15 @@ def test_standard_protocol_resumes_exactly(data: Path, tmp_path: Path) -> None:
     assert all(loaded is not None and loaded.step == 4 for loaded in final.values())
     for name, tensor in final[straight.out].state["heads"].items():
         assert torch.equal(tensor, final[halves.out].state["heads"][name]), name
+    # One record per log interval, the same in both runs.
+    logs = [read_train_log(out) for out in (straight.out, halves.out)]
+    assert [record["step"] for record in logs[0]] == [2, 4]
+    for one, other in zip(*logs, strict=True):
+        assert one["loss_res5"] == other["loss_res5"] and one["loss"] == one["loss_res5"]
     with pytest.raises(ResumeError, match=r"cannot resume from step 4.*base_lr"):
         linear_probe(dataclasses.replace(halves, base_lr=1.0))
 
 
-@pytest.mark.slow
 def test_a_re_exported_backbone_does_not_resume_the_standard_probe(
     data: Path, tmp_path: Path
 ) -> None:

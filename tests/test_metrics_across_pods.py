@@ -11,7 +11,7 @@ from prometheus_servers import prometheus_server, wait_for_query
 from system_tools import free_port
 from test_pretrain import _torchrun, _train_args
 
-BATCH = 32  # configs/tiny_cpu.yaml's global batch
+BATCH = 32  # the tiny_cpu preset's global batch
 
 
 @pytest.mark.integration

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torchvision
 
-from ladder_siam.nets.archs import ARCHS
+from ladder_siam.nets.archs import ARCHS, STAGES
 from ladder_siam.nets.backbones import ResNetStages, torchvision_resnet
 from ladder_siam.pretrain.levels import parse_levels
 from ladder_siam.pretrain.model import LadderSiam
@@ -21,14 +21,24 @@ CHANNELS = {
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_heads_match_each_stage(arch: str) -> None:
-    model = LadderSiam(arch, "DDGG", hidden_dim=32, projection_dim=16, dense_dim=8)
-    for stage, channels in zip(("res2", "res3", "res4", "res5"), CHANNELS[arch], strict=True):
-        assert model.projectors[stage][0].in_features == channels
+    # On the meta device: shapes without weights or arithmetic, so a ResNet-101 takes ms.
+    with torch.device("meta"):
+        model = LadderSiam(arch, "DDGG", hidden_dim=32, projection_dim=16, dense_dim=8)
+        encoding = model.online(torch.empty(2, 3, 64, 64))
+        reference = torchvision.models.get_model(arch)
+        exported = model.backbone_state_dict()
+    for stage, channels in zip(STAGES, CHANNELS[arch], strict=True):
+        assert model.online.projectors[stage][0].in_features == channels
         assert model.predictors[stage][0].in_features == 16
-    assert set(model.dense_projectors) == {"res2", "res3"}
-    assert model.dense_projectors["res2"][0].in_channels == CHANNELS[arch][0]
-    # The export loads strictly into torchvision's own model.
-    torchvision.models.get_model(arch).load_state_dict(model.backbone_state_dict())
+        assert encoding.pooled[stage].shape == (2, channels)
+        assert encoding.stages[stage].projection.shape == (2, 16)
+    assert set(model.online.dense_projectors) == {"res2", "res3"}
+    assert model.online.dense_projectors["res2"][0].in_channels == CHANNELS[arch][0]
+    assert encoding.stages["res2"].dense.shape == (2, 8, 16, 16)
+    assert encoding.stages["res3"].dense.shape == (2, 8, 8, 8)
+    assert encoding.stages["res4"].dense is None
+    # The export loads strictly into torchvision's own model: the same names and shapes.
+    reference.load_state_dict(exported)
 
 
 @pytest.mark.parametrize("small_input", [False, True])
@@ -41,15 +51,21 @@ def test_exported_backbone_computes_what_the_online_backbone_computes(small_inpu
     reference.fc = torch.nn.Identity()
     model.eval(), reference.eval()
     images = torch.randn(2, 3, 32, 32)
-    pooled = model.backbone(images)["res5"].mean(dim=(2, 3))
+    pooled = model.online.backbone(images)["res5"].mean(dim=(2, 3))
     assert torch.allclose(reference(images), pooled, atol=1e-5)
 
 
-def test_stage_resolutions_for_small_and_standard_stems() -> None:
-    standard = ResNetStages("resnet18")(torch.randn(1, 3, 64, 64))
-    small = ResNetStages("resnet18", small_input=True)(torch.randn(1, 3, 32, 32))
-    assert [tuple(standard[s].shape[2:]) for s in standard] == [(16, 16), (8, 8), (4, 4), (2, 2)]
-    assert [tuple(small[s].shape[2:]) for s in small] == [(32, 32), (16, 16), (8, 8), (4, 4)]
+@pytest.mark.parametrize("arch", ARCHS)
+def test_stage_resolutions_for_small_and_standard_stems(arch: str) -> None:
+    with torch.device("meta"):
+        standard = ResNetStages(arch)(torch.empty(1, 3, 64, 64))
+        small = ResNetStages(arch, small_input=True)(torch.empty(1, 3, 32, 32))
+    assert [tuple(standard[s].shape[1:]) for s in standard] == [
+        (c, r, r) for c, r in zip(CHANNELS[arch], (16, 8, 4, 2), strict=True)
+    ]
+    assert [tuple(small[s].shape[1:]) for s in small] == [
+        (c, r, r) for c, r in zip(CHANNELS[arch], (32, 16, 8, 4), strict=True)
+    ]
 
 
 def test_methods_and_level_strings() -> None:
@@ -81,12 +97,12 @@ def test_forward_reports_every_supervised_level_and_weights_them(levels: str) ->
     assert output.loss.item() == pytest.approx(expected.item(), rel=1e-6)
     output.loss.backward()
     assert all(p.grad is None for p in model.target.parameters()), "the target gets no gradient"
-    assert model.backbone.conv1.weight.grad is not None
+    assert model.online.backbone.conv1.weight.grad is not None
 
 
 def test_unsupervised_stages_have_no_heads() -> None:
     model = _tiny("---G")
-    assert set(model.projectors) == {"res5"} and not model.dense_projectors
+    assert set(model.online.projectors) == {"res5"} and not model.online.dense_projectors
 
 
 def test_target_follows_the_online_network_by_ema() -> None:
@@ -95,7 +111,7 @@ def test_target_follows_the_online_network_by_ema() -> None:
         for parameter in model.parameters():
             if parameter.requires_grad:
                 parameter.add_(torch.randn_like(parameter))
-    online = [p.clone() for m in model.online_modules() for p in m.parameters()]
+    online = [p.clone() for p in model.online.parameters()]
     before = [p.clone() for p in model.target.parameters()]
     model.update_target(0.9)
     for target, old, new in zip(model.target.parameters(), before, online, strict=True):

@@ -29,7 +29,7 @@ from ladder_siam.pipelines.ladder_siam import (
 )
 from ladder_siam.pipelines.runs import COMPILED, run_local
 from ladder_siam.prep.demo_data import make_demo_data
-from ladder_siam.pretrain.config import config_from_args
+from ladder_siam.pretrain.config import config_from_args, preset_names, resolve_preset
 from ladder_siam.pretrain.train import get_args_parser
 from ladder_siam.report.comparisons import NO_SPREAD
 
@@ -239,7 +239,7 @@ def test_parameters_have_defaults_that_make_sense_in_the_ui(
         defaults["pretrain_batch_size"],
     ) == (4, 8, 4096)
     assert defaults["cluster_launch_backend"] == "pytorchjob" and defaults["cluster_image"] == IMAGE
-    assert (REPO / defaults["pretrain_config"]).is_file()
+    assert defaults["pretrain_config"] in preset_names()
     assert "A100" in next(iter(defaults["cluster_gpu_node_selector"].values()))
     for uri in (
         "data_source_uri",
@@ -292,7 +292,7 @@ def inputs(sources: Path, output: Path, **overrides: Any) -> PipelineInputs:
         "data_segmentation_uri": str(sources / "voc"),
         "data_output_uri": str(output),
         "cluster_namespace": "ml-research",
-        "pretrain_config": str(REPO / "configs" / "ladder-byol_r50_in1k_200ep.yaml"),
+        "pretrain_config": "ladder-byol_r50_in1k_200ep",
         "cluster_gpu_node_selector": {"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB"},
         "cluster_gpu_tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists"}],
     }
@@ -343,7 +343,7 @@ def test_the_pretrain_step_launches_four_nodes_of_eight_gpus_that_match_the_crd(
 
 def test_an_empty_sync_bn_scope_leaves_the_presets_own(sources: Path, tmp_path: Path) -> None:
     preset = tmp_path / "node.yaml"
-    paper = (REPO / "configs" / "ladder-byol_r50_in1k_200ep.yaml").read_text()
+    paper = Path(resolve_preset("ladder-byol_r50_in1k_200ep")).read_text()
     preset.write_text(paper + "sync_bn_scope: node\n")
     plan = plan_run(inputs(sources, tmp_path, pretrain_config=str(preset)), "job")
     assert launch_config_from_json(plan.launch).pretrain.sync_bn_scope == "node"
@@ -426,7 +426,7 @@ def demo_params(sources: Path) -> Iterator[dict[str, Any]]:
         "data_source_uri": str(sources / "imagefolder"),
         "data_detection_uri": str(sources / "coco"),
         "data_segmentation_uri": str(sources / "voc"),
-        "pretrain_config": str(REPO / "configs" / "tiny_cpu.yaml"),
+        "pretrain_config": "tiny_cpu",
         "pretrain_arch": "resnet18",
         "pretrain_epochs": 1,
         "pretrain_batch_size": 8,

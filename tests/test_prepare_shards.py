@@ -232,6 +232,7 @@ def test_shards_are_standard_webdataset(messy_source: Path, tmp_path: Path) -> N
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_s3_source_to_s3_shards(messy_source: Path, s3_bucket: str, tmp_path: Path) -> None:
     upload_tree(messy_source, f"{s3_bucket}/raw")
     local = str(tmp_path / "local")

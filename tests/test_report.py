@@ -151,6 +151,7 @@ def write_evidence(run: str, hits: int, images: int = 400, order: str = "val-a")
     )
 
 
+@pytest.mark.slow
 def test_one_seed_gets_the_test_sets_own_interval_where_it_is_exact(tmp_path: Path) -> None:
     # The metrics the evaluations wrote, and the per-image results behind them.
     byol = write_run(tmp_path / "byol", "byol", dict.fromkeys(STAGES, 50.0), 30.0, 62.5, {})
@@ -316,12 +317,12 @@ def test_view_distances_and_gradient_maps_of_a_tiny_model(shards: str) -> None:
     view_a, view_b = augment_views(crops_a, crops_b)
     model = tiny_model().eval()
 
-    distances = view_distances(model.backbone, view_a, view_b, batch_size=3)
+    distances = view_distances(model.online.backbone, view_a, view_b, batch_size=3)
     assert set(distances) == set(STAGES)
     for d in distances.values():
         assert d.shape == (4,) and torch.isfinite(d).all() and (d >= -1e-6).all()
         assert (d <= 2).all() and d.max() > 1e-4
-    same = view_distances(model.backbone, view_a, view_a)
+    same = view_distances(model.online.backbone, view_a, view_a)
     assert all(d.abs().max() < 1e-5 for d in same.values())
 
     maps = gradient_maps(model, view_a, view_b)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import shutil
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from torch import nn
 
 from ladder_siam.data.manifest import ManifestError
 from ladder_siam.data.shards import DecodedSample
+from ladder_siam.evals.segmentation import finetune as segmentation_finetune
 from ladder_siam.evals.segmentation.config import (
     SegmentationConfig,
     config_from_args,
@@ -30,7 +32,12 @@ from ladder_siam.evals.segmentation.data import (
     SegmentationEvalTransform,
     SegmentationTrainTransform,
 )
-from ladder_siam.evals.segmentation.finetune import finetune_segmentation, get_args_parser, poly_lr
+from ladder_siam.evals.segmentation.finetune import (
+    finetune_segmentation,
+    get_args_parser,
+    poly_lr,
+    segmentation_loss,
+)
 from ladder_siam.evals.segmentation.miou import ConfusionMatrix
 from ladder_siam.evals.segmentation.model import FCN, dilate_resnet, slide_inference
 from ladder_siam.nets.backbone_file import load_backbone
@@ -39,6 +46,7 @@ from ladder_siam.prep.prepare_shards import prepare_shards
 from ladder_siam.pretrain.model import LadderSiam
 from ladder_siam.report.statistics import mean_iou
 from ladder_siam.runtime.checkpoint import checkpoint_uri
+from ladder_siam.runtime.health import NonFiniteLossError
 from ladder_siam.runtime.per_image import read_per_image
 from ladder_siam.runtime.train_log import read_train_log
 
@@ -95,7 +103,7 @@ def _res5(net: nn.Module, images: torch.Tensor) -> torch.Tensor:
     return net.layer4(net.layer3(net.layer2(net.layer1(x))))
 
 
-@pytest.mark.parametrize("arch", ["resnet18", pytest.param("resnet50", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
 def test_dilated_backbone_is_the_pretrained_network_at_stride_8(arch: str, tmp_path: Path) -> None:
     torch.manual_seed(0)
     original = getattr(torchvision.models, arch)().eval()
@@ -325,6 +333,29 @@ def test_two_rank_evaluation_reproduces_the_single_process_scores(
     assert result.returncode == 0, result.stderr[-3000:]
     assert "on 2 x cpu" in result.stderr
     assert json.loads((out / "metrics.json").read_text()) == single
+
+
+@pytest.mark.slow
+def test_a_non_finite_loss_stops_the_finetune_within_one_interval(
+    demo: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = []
+
+    def nan_in_step_3(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        calls.append(1)  # two calls a step: the main head's, then the auxiliary one's
+        loss = segmentation_loss(logits, masks)
+        return loss * math.nan if len(calls) == 5 else loss
+
+    monkeypatch.setattr(segmentation_finetune, "segmentation_loss", nan_in_step_3)
+    out = tmp_path / "run"
+    with pytest.raises(
+        NonFiniteLossError,
+        match=r"^segmentation finetune: non-finite loss in step 3: loss_main = nan$",
+    ):
+        finetune_segmentation(_config(demo, str(out)))
+    assert sorted(path.name for path in (out / "checkpoints").iterdir()) == ["step-000002.pt"]
+    assert [record["step"] for record in read_train_log(str(out))] == [2]
+    assert not (out / "metrics.json").exists()
 
 
 def test_bad_inputs_fail_before_training(demo: dict[str, str], tmp_path: Path) -> None:

@@ -22,6 +22,8 @@ COUNTS = ("shards", "shards_written", "samples", "samples_skipped")
 # folder name for shards), a layout and a split; never a URI.
 ALLOWED_LABELS = {"job", "instance", "namespace", "run", "layout", "split"}
 
+pytestmark = pytest.mark.integration  # every test pushes to a real Pushgateway
+
 
 @pytest.fixture(scope="module")
 def pushgateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
@@ -75,6 +77,7 @@ def test_prepare_shards_pushes_the_manifest_counts(
     assert rerun == {**train, "shards_written": 0}
 
 
+@pytest.mark.slow
 def test_report_pushes_the_number_of_runs(
     pushgateway: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -13,7 +13,7 @@ from ladder_siam.io.s3 import S3RangeReader
 from ladder_siam.io.uri import StorageError
 
 
-@pytest.fixture(params=["local", "file", "s3"])
+@pytest.fixture(params=["local", "file", pytest.param("s3", marks=pytest.mark.integration)])
 def root(request: pytest.FixtureRequest, tmp_path) -> str:
     if request.param == "local":
         return str(tmp_path / "root")
@@ -64,6 +64,7 @@ def test_atomic_write_replaces_whole_file(root: str) -> None:
     assert storage.read_bytes(target) == b"new"
 
 
+@pytest.mark.integration
 def test_copy_between_local_and_s3(tmp_path, s3_bucket: str) -> None:
     local = str(tmp_path / "src.bin")
     storage.write_bytes(local, bytes(range(256)) * 100)
@@ -73,6 +74,7 @@ def test_copy_between_local_and_s3(tmp_path, s3_bucket: str) -> None:
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_s3_listing_paginates_past_1000_keys(s3_bucket: str) -> None:
     client = storage.s3_client()
     bucket = s3_bucket.removeprefix("s3://")
@@ -116,6 +118,7 @@ def test_s3_read_resumes_after_a_broken_connection(s3_bucket: str) -> None:
     assert first + rest == payload
 
 
+@pytest.mark.integration
 def test_s3_errors_name_the_uri(s3_bucket: str) -> None:
     with pytest.raises(FileNotFoundError, match=r"s3://.*/absent\.bin"):
         storage.read_bytes(f"{s3_bucket}/absent.bin")

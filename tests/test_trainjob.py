@@ -102,7 +102,7 @@ def test_launch_render_prints_exactly_the_job_the_launcher_creates(
         "--gpus-per-node", "8", "--image", IMAGE, "--shards", "s3://datasets/in1k",
         "--out", "s3://runs/r50-ladder", "--queue-name", "team-a", "--scheduler", "volcano",
         "--service-account", "ladder-siam-irsa", "--namespace", "ml-research",
-        "--config", str(REPO / "configs" / "ladder-byol_r50_in1k_200ep.yaml"),
+        "--config", "ladder-byol_r50_in1k_200ep",
         "--batch-size", "2048", "--epochs", "100",
     ]  # fmt: skip
     assert cli.main(flags) == 0

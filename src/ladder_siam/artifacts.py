@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 
+from ladder_siam.errors import UsageError
 from ladder_siam.io import storage
 from ladder_siam.runtime.progress import Progress
 from ladder_siam.runtime.run_folder import CHECKPOINTS
@@ -63,10 +64,10 @@ def list_run(run_uri: str) -> list[RunFile]:
         path = info.uri[len(root) + 1 :]
         # An S3 key may hold "..": written as a local path it would land outside the folder.
         if path.startswith("/") or ".." in path.split("/"):
-            raise ValueError(f"{info.uri}: unsafe relative path {path!r} under {run_uri}")
+            raise UsageError(f"{info.uri}: unsafe relative path {path!r} under {run_uri}")
         files.append(RunFile(path, info.uri, info.size, info.etag))
     if not files:
-        raise ValueError(f"no files under {run_uri}, is this a run folder?")
+        raise UsageError(f"no files under {run_uri}, is this a run folder?")
     return files
 
 
@@ -111,11 +112,11 @@ def select(
         if any(_matches(f.path, pattern) for f in wanted):
             continue
         if any(_matches(f.path, pattern) for f in files):
-            raise ValueError(
+            raise UsageError(
                 f"--only {pattern!r}: matches only checkpoints under {run_uri}; "
                 "add --checkpoints to fetch them"
             )
-        raise ValueError(
+        raise UsageError(
             f"--only {pattern!r}: matches nothing under {run_uri}; "
             f"its top level holds {_top_level(files)}"
         )
@@ -153,7 +154,7 @@ def pull(
         OSError: A download or write failed; files finished before it are kept.
     """
     if threads < 1:
-        raise ValueError(f"--threads {threads}: must be at least 1")
+        raise UsageError(f"--threads {threads}: must be at least 1")
     selected = select(list_run(run_uri), run_uri, only, checkpoints)
     targets = {f.path: storage.join(dest_dir, f.path) for f in selected}
     todo = [f for f in selected if not _is_present(f, targets[f.path])]
@@ -222,10 +223,10 @@ def main(args: argparse.Namespace) -> None:
     """
     if args.action == "list":
         if args.to or args.only or args.checkpoints:
-            raise ValueError("list: --to, --only and --checkpoints belong to pull")
+            raise UsageError("list: --to, --only and --checkpoints belong to pull")
         for file in list_run(args.run):
             print(f"{file.size:>12}  {file.path}")
         return
     if not args.to:
-        raise ValueError(f"pull {args.run}: --to DIR is required")
+        raise UsageError(f"pull {args.run}: --to DIR is required")
     pull(args.run, args.to, only=args.only, checkpoints=args.checkpoints, threads=args.threads)

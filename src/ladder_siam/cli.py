@@ -14,6 +14,7 @@ import logging
 import sys
 
 from ladder_siam import __version__
+from ladder_siam.errors import UsageError
 from ladder_siam.io import storage
 
 # subcommand -> (module, one-line help)
@@ -107,8 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(COMMANDS[args.command][0])
     try:
         module.main(args)
-    except (ValueError, OSError) as error:
-        # Bad input: one clear line, not a traceback, and a non-zero exit for KFP/Kubernetes.
+    except (UsageError, OSError) as error:
+        # Bad input or a failed read: one clear line and a non-zero exit for KFP/Kubernetes.
+        # Any other exception is a bug and keeps its traceback.
         logging.getLogger("ladder_siam").error("%s: %s", args.command, error)
         return 2
     return 0

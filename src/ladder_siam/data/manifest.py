@@ -19,6 +19,7 @@ import shlex
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ladder_siam.errors import UsageError
 from ladder_siam.io import storage
 
 MANIFEST_NAME = "manifest.json"
@@ -27,7 +28,7 @@ FORMAT = "ladder-siam-shards/1"
 IGNORE_LABEL = 255
 
 
-class ManifestError(ValueError):
+class ManifestError(UsageError):
     """A manifest is missing, malformed or not what the command needs."""
 
 

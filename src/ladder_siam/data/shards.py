@@ -12,7 +12,8 @@ yields whole batches. Three properties matter for distributed training:
   transforms depend only on (seed, epoch, slot, batch), so a run resumed at batch ``k`` sees
   exactly the batches an uninterrupted run would have seen.
 * **Small datasets.** With fewer shards than slots, every slot reads all shards and keeps
-  every ``slots``-th sample, so no slot starves.
+  every ``slots``-th sample, so no slot starves. The partition is ``data.slots.slot_share``,
+  which the evaluation reader (``data.splits``) shares.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import io
 import itertools
 import json
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
@@ -33,7 +34,9 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
 from ladder_siam.data.manifest import SplitManifest
+from ladder_siam.data.slots import slot_share
 from ladder_siam.data.tar_shards import Sample, iter_samples
+from ladder_siam.errors import UsageError
 from ladder_siam.io import storage
 
 logger = logging.getLogger(__name__)
@@ -127,8 +130,8 @@ class CenterCropResize:
         return pixels, -1 if sample.label is None else sample.label
 
 
-class ShardIntegrityError(ValueError):
-    """A shard's bytes are not the ones its manifest recorded."""
+class ShardIntegrityError(UsageError):
+    """A shard's bytes are not the ones its manifest recorded, or not a readable tar."""
 
 
 def read_shard(uri: str, sha256: str | None = None, repair: str | None = None) -> Iterator[Sample]:
@@ -142,15 +145,15 @@ def read_shard(uri: str, sha256: str | None = None, repair: str | None = None) -
             when the checksum does not match.
 
     Raises:
-        ValueError: The tar is corrupt or truncated (the message names the shard and byte).
-        ShardIntegrityError: The shard's sha256 is not the manifest's.
+        ShardIntegrityError: The tar is corrupt or truncated (the message names the shard
+            and the byte), or its sha256 is not the manifest's.
     """
     with storage.open_read(uri) as stream:
         hashing = _HashingReader(stream)
         try:
             yield from iter_samples(hashing)
         except ValueError as error:
-            raise ValueError(f"{uri}: {error}") from error
+            raise ShardIntegrityError(f"{uri}: {error}") from error
         if sha256 is None:
             return
         while hashing.read(_DRAIN_CHUNK):  # the padding after the end-of-archive blocks
@@ -242,7 +245,7 @@ class ShardDataset(IterableDataset):
             raise ValueError(f"batch size {batch_size}: must be at least 1")
         self.batches_per_epoch = manifest.num_samples // (self.world_size * batch_size)
         if self.batches_per_epoch == 0:
-            raise ValueError(
+            raise UsageError(
                 f"{manifest.location}: {manifest.num_samples} samples are fewer than one "
                 f"global batch ({self.world_size} ranks x {batch_size})"
             )
@@ -318,19 +321,11 @@ class ShardDataset(IterableDataset):
     def _round_samples(self, slot: int, slots: int, round_index: int) -> Iterator[Sample]:
         """One round: the slot's share of the shards, in this round's shuffled order."""
         count = len(self.shard_uris)
-        order = np.arange(count)
+        order: Sequence[int] = range(count)
         if self.shuffle:
-            order = np.random.default_rng([self.seed, self.epoch, round_index]).permutation(count)
-        if count >= slots:
-            for index in order[slot::slots]:
-                yield from self._read(index)
-            return
-        position = 0
-        for index in order:
-            for sample in self._read(index):
-                if position % slots == slot:
-                    yield sample
-                position += 1
+            rng = np.random.default_rng([self.seed, self.epoch, round_index])
+            order = rng.permutation(count).tolist()
+        return slot_share(order, slot, slots, self._read)
 
     def _read(self, index: int) -> Iterator[Sample]:
         return read_shard(self.shard_uris[index], self.shard_sha256[index], self.repair)

@@ -17,14 +17,14 @@ from torch.utils.data import DataLoader, IterableDataset, default_collate, get_w
 
 from ladder_siam.data.manifest import SplitManifest
 from ladder_siam.data.shards import Transform, decode_sample, read_shard
+from ladder_siam.data.slots import slot_share
 from ladder_siam.data.tar_shards import Sample
 
 
 class SplitReader(IterableDataset):
     """All samples of a split, each read by exactly one (rank, worker), in manifest order.
 
-    With at least as many shards as slots, shards are dealt out whole; otherwise every slot
-    reads all shards and keeps every ``slots``-th sample.
+    The slots share the samples as ``data.slots.slot_share`` says.
 
     Args:
         manifest: The split to read.
@@ -73,16 +73,7 @@ class SplitReader(IterableDataset):
             yield self.collate(batch)
 
     def _samples(self, slot: int, slots: int) -> Iterator[Sample]:
-        if len(self.shards) >= slots:
-            for uri, sha256 in self.shards[slot::slots]:
-                yield from read_shard(uri, sha256, self.repair)
-            return
-        position = 0
-        for uri, sha256 in self.shards:
-            for sample in read_shard(uri, sha256, self.repair):
-                if position % slots == slot:
-                    yield sample
-                position += 1
+        return slot_share(self.shards, slot, slots, lambda shard: read_shard(*shard, self.repair))
 
 
 def make_eval_loader(reader: SplitReader, num_workers: int, pin_memory: bool = False) -> DataLoader:

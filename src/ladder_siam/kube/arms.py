@@ -16,6 +16,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from ladder_siam.errors import UsageError
 from ladder_siam.kube.launch_config import LaunchConfig
 from ladder_siam.pretrain.levels import parse_levels
 from ladder_siam.runtime.run_folder import RunFolder
@@ -90,17 +91,17 @@ def seeds_of(seeds: list[Any]) -> list[int]:
         ValueError: Empty, a value that is not a non-negative integer, or a repeated seed.
     """
     if not seeds:
-        raise ValueError("pretrain_seeds: empty; give at least one seed, e.g. [0]")
+        raise UsageError("pretrain_seeds: empty; give at least one seed, e.g. [0]")
     values = []
     for seed in seeds:
         number = isinstance(seed, int | float) and not isinstance(seed, bool)
         if not number or not math.isfinite(seed) or seed != int(seed):
-            raise ValueError(f"pretrain_seeds: {seed!r} is not an integer")
+            raise UsageError(f"pretrain_seeds: {seed!r} is not an integer")
         if seed < 0:
-            raise ValueError(f"pretrain_seeds: {seed!r}: 0 or more")
+            raise UsageError(f"pretrain_seeds: {seed!r}: 0 or more")
         values.append(int(seed))
     if len(set(values)) != len(values):
-        raise ValueError(f"pretrain_seeds {values}: each seed once")
+        raise UsageError(f"pretrain_seeds {values}: each seed once")
     return values
 
 
@@ -123,7 +124,7 @@ def plan_arms(
     """
     problems = method_problems(methods)
     if problems:
-        raise ValueError("; ".join(problems))
+        raise UsageError("; ".join(problems))
     plans = []
     for method in methods:
         for seed in seeds_of(seeds):

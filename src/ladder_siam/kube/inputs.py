@@ -21,13 +21,14 @@ from pathlib import Path
 from typing import Any
 
 from ladder_siam import IMAGE
+from ladder_siam.errors import UsageError
 from ladder_siam.io import storage
 from ladder_siam.io.uri import SUPPORTED, scheme_problem
 from ladder_siam.kube.arms import NOT_NAME, arm_launch, job_name, method_problems, seeds_of
 from ladder_siam.kube.launch_config import BACKENDS as JOB_BACKENDS
 from ladder_siam.kube.launch_config import LaunchConfig
 from ladder_siam.prep.sources import LAYOUTS
-from ladder_siam.pretrain.config import PretrainConfig, make_config
+from ladder_siam.pretrain.config import PretrainConfig, make_config, resolve_preset
 from ladder_siam.runtime.run_folder import DATASETS, RunFolder
 
 # Where pretraining runs: a PyTorchJob, a TrainJob, or torchrun on this machine (kfp.local).
@@ -63,7 +64,7 @@ class PipelineInputs:
     pretrain_run_name: str = ""
     pretrain_methods: list[str] = field(default_factory=lambda: ["ladder-byol"])
     pretrain_seeds: list[int] = field(default_factory=lambda: [0])
-    pretrain_config: str = "configs/ladder-byol_r50_in1k_200ep.yaml"
+    pretrain_config: str = "ladder-byol_r50_in1k_200ep"
     pretrain_arch: str = "resnet50"
     pretrain_epochs: int = 200
     pretrain_batch_size: int = 4096
@@ -121,7 +122,7 @@ def run_name(requested: str, job_name: str) -> str:
     name = NOT_NAME.sub("-", (requested or job_name).lower()).strip("-")
     name = name[:_NAME_CHARS].rstrip("-")
     if not name:
-        raise ValueError(f"run_name {requested!r}: has no letters or digits to name a run by")
+        raise UsageError(f"run_name {requested!r}: has no letters or digits to name a run by")
     return name if name[0].isalpha() else f"run-{name}"[:_NAME_CHARS]
 
 
@@ -131,7 +132,7 @@ def pod_namespace(requested: str) -> str:
         return requested
     if _POD_NAMESPACE.is_file():
         return _POD_NAMESPACE.read_text().strip()
-    raise ValueError("namespace: empty, and this is not a Kubernetes pod; name the namespace")
+    raise UsageError("namespace: empty, and this is not a Kubernetes pod; name the namespace")
 
 
 def fingerprint_source(uri: str) -> tuple[str, int, int]:
@@ -150,7 +151,7 @@ def fingerprint_source(uri: str) -> tuple[str, int, int]:
         digest.update(f"{info.uri.removeprefix(prefix)}\0{info.size}\0{info.etag}\n".encode())
         files, total = files + 1, total + info.size
     if files == 0:
-        raise ValueError(f"{uri}: no files; is this the source dataset's folder?")
+        raise UsageError(f"{uri}: no files; is this the source dataset's folder?")
     return digest.hexdigest(), files, total
 
 
@@ -179,8 +180,11 @@ def validate(inputs: PipelineInputs, job_name: str) -> list[str]:
             problems.append(f"{name} {getattr(inputs, name)}: at least 1")
     if inputs.data_max_side and inputs.data_max_side < 16:
         problems.append(f"data_max_side {inputs.data_max_side}: 0 (keep sizes) or at least 16 px")
-    if inputs.pretrain_config and not Path(inputs.pretrain_config).is_file():
-        problems.append(f"pretrain_config {inputs.pretrain_config!r}: no such preset file")
+    if inputs.pretrain_config:
+        try:
+            resolve_preset(inputs.pretrain_config, "pretrain_config")
+        except ValueError as error:
+            problems.append(str(error))
     problems += _preset_problems(inputs)
     problems += method_problems(list(inputs.pretrain_methods))
     try:
@@ -227,7 +231,7 @@ def plan_run(inputs: PipelineInputs, job_name: str) -> RunPlan:
     """
     problems = validate(inputs, job_name)
     if problems:
-        raise ValueError("invalid pipeline parameters:\n  " + "\n  ".join(problems))
+        raise UsageError("invalid pipeline parameters:\n  " + "\n  ".join(problems))
     name = run_name(inputs.pretrain_run_name, job_name)
     sources = {
         "pretrain": (inputs.data_source_uri, inputs.data_source_layout),

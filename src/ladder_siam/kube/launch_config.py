@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from ladder_siam.errors import UsageError
 from ladder_siam.pretrain.config import PretrainConfig
 
 # The job kinds a run can be launched as: the training operator's PyTorchJob (kubeflow.org/v1)
@@ -234,7 +235,7 @@ def _label_value(value: str) -> bool:
 
 def _check(condition: object, message: str) -> None:
     if not condition:
-        raise ValueError(f"LaunchConfig: {message}")
+        raise UsageError(f"LaunchConfig: {message}")
 
 
 def _check_image(image: str) -> None:

@@ -8,7 +8,7 @@ is accepted, as ``ladder-siam pretrain`` takes it.
     ladder-siam launch render --backend trainjob --run-name r50-ladder --nodes 4 \
         --gpus-per-node 8 --image registry.example.com/ladder-siam:0.1.0 \
         --shards s3://bucket/datasets/in1k --out s3://bucket/runs/r50-ladder \
-        --config configs/ladder-byol_r50_in1k_200ep.yaml > trainjob.yaml
+        --config ladder-byol_r50_in1k_200ep > trainjob.yaml
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ladder_siam.errors import UsageError
 from ladder_siam.kube.launch_config import LaunchConfig
 from ladder_siam.kube.pod import credential_env, placement, resources
 
@@ -51,7 +52,7 @@ def build_trainjob(config: LaunchConfig) -> dict[str, Any]:
     config.validate()
     port = config.pretrain.metrics_port
     if port not in (None, RUNTIME_METRICS_PORT):
-        raise ValueError(
+        raise UsageError(
             f"LaunchConfig: metrics_port {port}: the TrainingRuntime declares port "
             f"{RUNTIME_METRICS_PORT}; use it (or 0 for no metrics) with the trainjob backend"
         )

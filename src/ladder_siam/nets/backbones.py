@@ -60,8 +60,9 @@ class ResNetStages(nn.Module):
         """
         state = {k: v.detach().clone() for k, v in self.state_dict().items()}
         reference = next(iter(state.values()))
-        state["fc.weight"] = torch.zeros(1000, self.num_features, dtype=reference.dtype)
-        state["fc.bias"] = torch.zeros(1000, dtype=reference.dtype)
+        like = {"dtype": reference.dtype, "device": reference.device}
+        state["fc.weight"] = torch.zeros(1000, self.num_features, **like)
+        state["fc.bias"] = torch.zeros(1000, **like)
         return state
 
 

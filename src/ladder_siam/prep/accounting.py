@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from ladder_siam.data.manifest import AnnotationChange, ShardEntry, SkippedInput
+from ladder_siam.errors import UsageError
 from ladder_siam.runtime.metrics import push_job_metrics
 from ladder_siam.runtime.run_folder import run_of
 
@@ -48,7 +49,7 @@ def require_samples(source: str, outcomes: Mapping[str, SplitOutcome]) -> None:
     for split, outcome in sorted(outcomes.items()):
         if outcome.num_samples == 0:
             first = outcome.skipped[0]
-            raise ValueError(
+            raise UsageError(
                 f"{source}: split {split!r}: all {len(outcome.skipped)} inputs were skipped "
                 f"({by_reason(outcome.skipped)}); first: {first.source}: {first.detail}"
             )

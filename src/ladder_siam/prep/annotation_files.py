@@ -12,10 +12,11 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from ladder_siam.errors import UsageError
 from ladder_siam.io import storage
 
 
-class AnnotationFileError(ValueError):
+class AnnotationFileError(UsageError):
     """An annotation file that cannot be used at all; the message names it and says why."""
 
 

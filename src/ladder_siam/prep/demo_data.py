@@ -34,6 +34,7 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from ladder_siam.errors import UsageError
 from ladder_siam.io import storage
 from ladder_siam.prep.scenes import CLASS_NAMES, MIN_IMAGE_SIZE, Scene, render_scene
 
@@ -81,11 +82,11 @@ def make_demo_data(
         ValueError: An argument is out of range.
     """
     if images < 1:
-        raise ValueError(f"images must be at least 1, got {images}")
+        raise UsageError(f"images must be at least 1, got {images}")
     if size < MIN_IMAGE_SIZE:
-        raise ValueError(f"size must be at least {MIN_IMAGE_SIZE} px, got {size}")
+        raise UsageError(f"size must be at least {MIN_IMAGE_SIZE} px, got {size}")
     if not 0 <= val_fraction < 1:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        raise UsageError(f"val_fraction must be in [0, 1), got {val_fraction}")
     train_images = round(images * (1 - val_fraction))
     id_width = max(6, len(str(images - 1)))
     ids: dict[str, list[str]] = {split: [] for split in SPLITS}

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from ladder_siam.errors import UsageError
 from ladder_siam.io import storage
 
 logger = logging.getLogger(__name__)
@@ -70,7 +71,7 @@ OUT OF OR IN CONNECTION WITH THE SOFTWARE OR THE USE OR OTHER DEALINGS IN THE SO
 """
 
 
-class IdxFormatError(ValueError):
+class IdxFormatError(UsageError):
     """An IDX file is not what Fashion-MNIST should contain; the message names the file."""
 
 
@@ -147,7 +148,7 @@ def import_fashion_mnist(
         ValueError: ``limit`` is below 1.
     """
     if limit is not None and limit < 1:
-        raise ValueError(f"limit must be at least 1, got {limit}")
+        raise UsageError(f"limit must be at least 1, got {limit}")
     sources = {
         split: (
             storage.join(source_dir, f"{prefix}-images-idx3-ubyte.gz"),

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
+from ladder_siam.errors import UsageError
 from ladder_siam.prep.listing import Files, SourceItem, SourceListing, is_image_name
 
 SPLIT_NAMES = frozenset({"train", "val", "validation", "test"})
@@ -103,7 +104,7 @@ def _has_split_folders(source: str, files: Files, class_folders: bool) -> bool:
     inside = "class folders" if class_folders else "images"
     shaped = ", ".join(f"{folder}/" for folder in sorted(splits))
     beside = ", ".join(f"{folder}/" for folder in sorted(others))
-    raise ValueError(
+    raise UsageError(
         f"{source}: ambiguous layout: {shaped} look like split folders ({inside} inside), "
         f"but {beside} beside them hold images too. Move {beside} into split folders "
         f"(train/, val/, test/), or rename {shaped} if they are classes"

@@ -41,6 +41,7 @@ from ladder_siam.data.manifest import (
     SplitSummary,
 )
 from ladder_siam.data.tar_shards import Sample, ShardWriter
+from ladder_siam.errors import UsageError
 from ladder_siam.io import storage
 from ladder_siam.prep import accounting
 from ladder_siam.prep.accounting import SplitOutcome
@@ -134,14 +135,14 @@ def prepare_shards(
     """
     started = time.monotonic()
     if shard_size < 1:
-        raise ValueError(f"--shard-size {shard_size}: must be at least 1")
+        raise UsageError(f"--shard-size {shard_size}: must be at least 1")
     if max_side is not None and max_side < 16:
-        raise ValueError(f"--max-side {max_side}: must be at least 16 pixels")
+        raise UsageError(f"--max-side {max_side}: must be at least 16 pixels")
     if workers < 1:
-        raise ValueError(f"--workers {workers}: must be at least 1")
+        raise UsageError(f"--workers {workers}: must be at least 1")
     for flag, uri in (("--source", source), ("--dest", dest)):
         if (problem := storage.scheme_problem(uri)) is not None:
-            raise ValueError(f"{flag} {uri}: {problem}")
+            raise UsageError(f"{flag} {uri}: {problem}")
     listing = list_source(source, layout)
     category_index = {cat: i for i, cat in enumerate(listing.category_ids or [])}
     tasks: list[ShardTask] = []

@@ -22,6 +22,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
+from ladder_siam.errors import UsageError
 from ladder_siam.io import storage
 from ladder_siam.prep.coco import list_coco
 from ladder_siam.prep.folders import list_flat, list_imagefolder
@@ -49,15 +50,15 @@ def list_source(source: str, layout: str) -> SourceListing:
         storage.StorageError: The source cannot be listed.
     """
     if layout not in LAYOUTS:
-        raise ValueError(f"--layout {layout!r}: expected one of {', '.join(LAYOUTS)}")
+        raise UsageError(f"--layout {layout!r}: expected one of {', '.join(LAYOUTS)}")
     root = source.rstrip("/")
     files = {info.uri[len(root) + 1 :]: info for info in storage.list_files(source)}
     if not files:
-        raise ValueError(f"{source}: no files found")
+        raise UsageError(f"{source}: no files found")
     listing = READERS[layout](source, files)
     _check_names(source, listing)
     if not any(listing.items.values()) and not any(listing.skipped.values()):
-        raise ValueError(f"{source}: nothing in the {layout} layout found (see --layout)")
+        raise UsageError(f"{source}: nothing in the {layout} layout found (see --layout)")
     return listing
 
 
@@ -69,13 +70,13 @@ def _check_names(source: str, listing: SourceListing) -> None:
     """
     for split in sorted(set(listing.items) | set(listing.skipped)):
         if not SAFE_SPLIT.fullmatch(split):
-            raise ValueError(
+            raise UsageError(
                 f"{source}: split {split!r} (from a file name) is not a safe folder name: "
                 "use letters, digits, '.', '_' and '-', starting with a letter or digit"
             )
     for name in listing.classes:
         if not SAFE_CLASS.fullmatch(name):
-            raise ValueError(
+            raise UsageError(
                 f"{source}: class {name!r}: a class name has 1-200 characters and no '/', "
                 "'\\' or control characters"
             )

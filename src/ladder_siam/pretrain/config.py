@@ -12,19 +12,35 @@ import argparse
 import dataclasses
 import json
 from dataclasses import dataclass
+from importlib import resources
 from typing import Any
 
 import yaml
 
+from ladder_siam.errors import UsageError
 from ladder_siam.io import storage
 from ladder_siam.nets.archs import ARCHS
 from ladder_siam.pretrain.levels import ladder_weights, parse_levels
 from ladder_siam.runtime.flags import add_config_flags, explicit_flags
+from ladder_siam.runtime.step_config import (
+    PRECISIONS,
+    at_least,
+    between,
+    check,
+    expected,
+    one_of,
+    positive,
+    required,
+    step_checks,
+)
 from ladder_siam.runtime.typed_config import check_fields
 
-PRECISIONS = ("fp32", "bf16")
 DECODERS = ("cpu", "gpu")
 SYNC_BN_SCOPES = ("all", "node")
+# The presets ship inside the package (pyproject.toml's package-data), so that a name resolves
+# from any folder and in the image, where the repository itself is not.
+PRESET_FOLDER = resources.files("ladder_siam.pretrain") / "presets"
+PRESET_SUFFIX = ".yaml"
 
 
 @dataclass
@@ -84,79 +100,92 @@ class PretrainConfig:
         return list(self.weights) if self.weights is not None else ladder_weights(self.w, 4)
 
     def validate(self, world_size: int = 1) -> None:
-        """Raises ``ValueError`` naming the first bad setting."""
+        """Raises ``UsageError`` naming the first bad setting."""
         self.levels  # noqa: B018 - parse_levels raises on a bad method
-        checks = [
-            (bool(self.shards), "--shards is required"),
-            (bool(self.out), "--out is required"),
-            (self.arch in ARCHS, f"--arch {self.arch!r}: expected one of {', '.join(ARCHS)}"),
-            (
-                self.precision in PRECISIONS,
-                f"--precision {self.precision!r}: expected fp32 or bf16",
-            ),
-            (self.decode in DECODERS, f"--decode {self.decode!r}: expected cpu or gpu"),
-            (self.image_size >= 16, f"--image-size {self.image_size}: at least 16 px"),
-            (self.epochs >= 1, f"--epochs {self.epochs}: at least 1"),
-            (self.accumulation >= 1, f"--accumulation {self.accumulation}: at least 1"),
-            (
-                self.batch_size % (world_size * self.accumulation) == 0,
-                f"--batch-size {self.batch_size}: must be divisible by world size {world_size} "
-                f"x accumulation {self.accumulation}",
-            ),
-            (self.base_lr > 0, f"--base-lr {self.base_lr}: must be positive"),
-            (self.weight_decay >= 0, f"--weight-decay {self.weight_decay}: must be >= 0"),
-            (0 <= self.tau_base <= 1, f"--tau-base {self.tau_base}: must be in [0, 1]"),
-            (self.warmup_epochs >= 0, f"--warmup-epochs {self.warmup_epochs}: must be >= 0"),
-            (self.log_every >= 1, f"--log-every {self.log_every}: at least 1"),
-            (self.checkpoint_every >= 1, f"--checkpoint-every {self.checkpoint_every}: at least 1"),
-            (self.keep_checkpoints >= 1, f"--keep-checkpoints {self.keep_checkpoints}: at least 1"),
-            (self.max_steps is None or self.max_steps >= 1, "--max-steps: at least 1"),
+        check([
+            *required(self, "shards", "out"),
+            one_of(self, "arch", ARCHS),
+            one_of(self, "precision", PRECISIONS),
+            one_of(self, "decode", DECODERS),
+            at_least(self, "image_size", 16),
+            at_least(self, "epochs", 1),
+            at_least(self, "accumulation", 1),
+            *step_checks(self, world_size, accumulation=self.accumulation),
+            positive(self, "base_lr"),
+            at_least(self, "weight_decay", 0),
+            between(self, "tau_base", 0, 1),
+            at_least(self, "warmup_epochs", 0),
+            at_least(self, "max_steps", 1),
             (
                 self.metrics_port is None or 1 <= self.metrics_port <= 65535,
-                f"--metrics-port {self.metrics_port}: a port in 1..65535, or 0 for off",
+                f"--metrics-port {self.metrics_port}: must be a port in 1..65535, or 0 for off",
             ),
-            (
-                self.sync_bn_scope in SYNC_BN_SCOPES,
-                f"--sync-bn-scope {self.sync_bn_scope!r}: expected all or node",
-            ),
-            (
-                self.online_probe_lr > 0,
-                f"--online-probe-lr {self.online_probe_lr}: must be positive",
-            ),
-            (self.rank_every >= 1, f"--rank-every {self.rank_every}: at least 1"),
+            one_of(self, "sync_bn_scope", SYNC_BN_SCOPES),
+            positive(self, "online_probe_lr"),
+            at_least(self, "rank_every", 1),
             (
                 self.weights is None or (len(self.weights) == 4 and min(self.weights) >= 0),
-                f"--weights {self.weights}: four non-negative numbers for res2..res5",
+                f"--weights {self.weights}: must be four non-negative numbers for res2..res5",
             ),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
+        ])  # fmt: skip
+
+
+def preset_names() -> list[str]:
+    """The presets that ship with the package, by name (``tiny_cpu``, ...)."""
+    return sorted(
+        entry.name.removesuffix(PRESET_SUFFIX)
+        for entry in PRESET_FOLDER.iterdir()
+        if entry.name.endswith(PRESET_SUFFIX)
+    )
+
+
+def resolve_preset(preset: str, flag: str = "--config") -> str:
+    """The file of a preset: a packaged preset's name first, else a path or URI.
+
+    Args:
+        preset: A packaged preset's name, with or without ``.yaml`` (``tiny_cpu``), or the
+            path (absolute or relative to the working folder) or URI of a YAML file.
+        flag: Names the setting in the error message.
+
+    Raises:
+        UsageError: ``preset`` is neither (the message lists the packaged presets).
+    """
+    name = preset.removesuffix(PRESET_SUFFIX)
+    if name in preset_names():
+        return str(PRESET_FOLDER / f"{name}{PRESET_SUFFIX}")
+    if storage.exists(preset):
+        return preset
+    raise UsageError(f"{expected(flag, preset, preset_names())}, or a YAML file's path")
 
 
 def load_preset(uri: str) -> dict[str, Any]:
     """Reads a YAML preset, checking each key and value against :class:`PretrainConfig`.
 
     Raises:
-        ValueError: Not YAML, not a mapping, an unknown setting or a mistyped value (each
+        UsageError: Not YAML, not a mapping, an unknown setting or a mistyped value (each
             message names the file).
     """
     try:
         data = yaml.safe_load(storage.read_text(uri)) or {}
     except yaml.YAMLError as error:
-        raise ValueError(f"{uri}: not valid YAML: {error}") from error
+        raise UsageError(f"{uri}: not valid YAML: {error}") from error
     if not isinstance(data, dict):
-        raise ValueError(f"{uri}: expected a mapping of settings")
+        raise UsageError(f"{uri}: expected a mapping of settings")
     return check_fields(PretrainConfig, data, uri)
 
 
 def make_config(preset: str | None = None, **overrides: Any) -> PretrainConfig:
     """The defaults, then the YAML ``preset`` if any, then ``overrides``.
 
+    Args:
+        preset: A packaged preset's name, or a YAML file's path or URI (see
+            :func:`resolve_preset`).
+        **overrides: Field values that replace the preset's.
+
     Raises:
-        ValueError: The preset cannot be read or holds a bad setting.
+        UsageError: No such preset, or it cannot be read or holds a bad setting.
     """
-    values = load_preset(preset) if preset else {}
+    values = load_preset(resolve_preset(preset)) if preset else {}
     values.update(overrides)
     if values.get("metrics_port") == 0:  # 0 on the command line turns metrics off
         values["metrics_port"] = None
@@ -230,7 +259,11 @@ HELP = {
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Adds ``--config`` and one flag per field; unset flags stay out of the namespace."""
-    parser.add_argument("--config", help="YAML preset (see configs/); flags override it")
+    parser.add_argument(
+        "--config",
+        help=f"preset: one of {', '.join(preset_names())} (shipped with the package), or a "
+        "YAML file's path or URI; flags override it",
+    )
     parser.add_argument(
         "--config-json",
         help="the whole config as a JSON object, as the pipeline's launcher passes it to every "
@@ -247,18 +280,18 @@ def config_from_args(args: argparse.Namespace) -> PretrainConfig:
     """Merges defaults, the ``--config`` preset or ``--config-json``, and explicit flags.
 
     Raises:
-        ValueError: Both ``--config`` and ``--config-json``, or a bad setting in either.
+        UsageError: Both ``--config`` and ``--config-json``, no such preset, or a bad setting.
     """
     overrides = explicit_flags(args, PretrainConfig)
     config_json = getattr(args, "config_json", None)
     if config_json is None:
         return make_config(getattr(args, "config", None), **overrides)
     if getattr(args, "config", None):
-        raise ValueError("--config and --config-json: give one of them")
+        raise UsageError("--config and --config-json: give one of them")
     try:
         data = json.loads(config_json)
     except json.JSONDecodeError as error:
-        raise ValueError(f"--config-json: not valid JSON: {error}") from error
+        raise UsageError(f"--config-json: not valid JSON: {error}") from error
     if not isinstance(data, dict):
-        raise ValueError("--config-json: expected a JSON object of settings")
+        raise UsageError("--config-json: expected a JSON object of settings")
     return make_config(None, **{**check_fields(PretrainConfig, data, "--config-json"), **overrides})

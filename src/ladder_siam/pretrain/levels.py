@@ -8,6 +8,7 @@ never trains.
 
 from __future__ import annotations
 
+from ladder_siam.errors import UsageError
 from ladder_siam.nets.archs import STAGES
 
 METHODS = {
@@ -27,7 +28,7 @@ def parse_levels(method_or_levels: str) -> str:
     """
     levels = METHODS.get(method_or_levels, method_or_levels)
     if len(levels) != len(STAGES) or not set(levels) <= LEVEL_KINDS or levels[-1] == "-":
-        raise ValueError(
+        raise UsageError(
             f"method {method_or_levels!r}: expected one of {', '.join(METHODS)} or four "
             "letters of G (global), D (dense) and - (none) for res2..res5, with a loss on res5"
         )

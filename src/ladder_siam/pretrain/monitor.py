@@ -230,7 +230,7 @@ def build_monitor(
             logger.info("one image per rank and step: online monitor off")
         return None
     return OnlineMonitor(
-        channels=model.backbone.channels,
+        channels=model.online.backbone.channels,
         projector_levels=list(model.supervised),
         projection_dim=config.projection_dim,
         classes=len(manifest.classes),

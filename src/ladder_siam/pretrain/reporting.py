@@ -1,8 +1,9 @@
 """What each logging interval of pretraining reports, and where it goes.
 
-Every ``log_every`` steps the loop averages the interval's losses and collapse signals and the
-online monitor (``pretrain/monitor.py``) hands over its reading. :func:`interval_record`
-makes them one ``train_log.jsonl`` record; :class:`IntervalReporter` sets the Prometheus
+Each step's losses and collapse signals are named by :func:`interval_metrics`; every
+``log_every`` steps the loop averages them over the interval and the online monitor
+(``pretrain/monitor.py``) hands over its reading. :func:`interval_record` makes them one
+``train_log.jsonl`` record; :class:`IntervalReporter` sets the Prometheus
 gauges on every rank, checks for collapse, and on rank 0 appends the record and logs a line.
 """
 
@@ -13,6 +14,9 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
+from ladder_siam.pretrain.model import LadderOutput
 from ladder_siam.pretrain.monitor import MonitorReading
 from ladder_siam.runtime.health import CollapseMonitor
 from ladder_siam.runtime.metrics import TrainingMetrics
@@ -22,13 +26,25 @@ from ladder_siam.runtime.train_log import TrainLog
 logger = logging.getLogger(__name__)
 
 
+def interval_metrics(output: LadderOutput) -> dict[str, torch.Tensor]:
+    """A step's values to average over the interval, by their ``train_log.jsonl`` names.
+
+    ``loss`` is the weighted total, ``loss_<level>`` each level's loss and ``std_<level>``
+    its collapse signal; they stay on the device until the interval is read.
+    """
+    return {
+        "loss": output.loss,
+        **{f"loss_{level}": loss for level, loss in output.per_level.items()},
+        **{f"std_{level}": std for level, std in output.output_std.items()},
+    }
+
+
 def interval_record(
     step: int,
     epoch: int,
     lr: float,
     tau: float,
-    levels: list[str],
-    means: list[float],
+    means: dict[str, float],
     rate: float,
     wait: float,
     reading: MonitorReading | None = None,
@@ -40,16 +56,12 @@ def interval_record(
         epoch: The current epoch.
         lr: Learning rate of the interval's last step.
         tau: EMA rate of the interval's last step.
-        levels: The supervised levels, in the order of ``means``.
-        means: The interval's mean total loss, then each level's loss, then each level's
-            output std.
+        means: The interval's mean of each of :func:`interval_metrics`' values, by name.
         rate: Images per second over the interval.
         wait: Fraction of the interval spent waiting for data.
         reading: The online monitor's reading, if the monitor runs.
     """
-    record: dict[str, Any] = {"step": step, "epoch": epoch, "lr": lr, "tau": tau, "loss": means[0]}
-    record.update({f"loss_{level}": means[1 + i] for i, level in enumerate(levels)})
-    record.update({f"std_{level}": means[1 + len(levels) + i] for i, level in enumerate(levels)})
+    record: dict[str, Any] = {"step": step, "epoch": epoch, "lr": lr, "tau": tau, **means}
     record.update(reading.record() if reading is not None else {})
     record.update(
         {"images_per_second": rate, "data_wait_fraction": min(wait, 1.0), "time": time.time()}

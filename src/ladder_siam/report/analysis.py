@@ -21,11 +21,12 @@ from torch import Tensor
 from ladder_siam.data.crops import TwoViewCrop
 from ladder_siam.data.manifest import load_split
 from ladder_siam.data.splits import SplitReader
+from ladder_siam.errors import UsageError
 from ladder_siam.nets.archs import STAGES
 from ladder_siam.nets.backbone_file import load_backbone
 from ladder_siam.nets.backbones import ResNetStages
 from ladder_siam.pretrain.augmentation import TwoViewPhotometric
-from ladder_siam.pretrain.model import LadderSiam
+from ladder_siam.pretrain.model import LadderSiam, upgrade_state_dict
 from ladder_siam.runtime import checkpoint
 
 # Width of the heads built for the gradient maps when a run has no checkpoint with trained
@@ -58,7 +59,7 @@ def sample_views(uri: str, count: int, size: int, seed: int = 0) -> tuple[Tensor
         torch.manual_seed(seed)
         batch = next(iter(reader), None)
     if batch is None:
-        raise ValueError(f"{uri}: the split has no images to analyse")
+        raise UsageError(f"{uri}: the split has no images to analyse")
     crops_a, crops_b = batch
     return crops_a, crops_b
 
@@ -104,16 +105,16 @@ def ladder_for_analysis(
         hidden_dim=saved.get("hidden_dim", HEAD_HIDDEN_DIM),
         projection_dim=saved.get("projection_dim", HEAD_PROJECTION_DIM),
     )
-    model.backbone.load_state_dict(stages.state_dict())
+    model.online.backbone.load_state_dict(stages.state_dict())
     trained: list[str] = []
     if latest is not None:
         heads = {
             key: value
-            for key, value in latest.state["model"].items()
-            if key.startswith(("projectors.", "predictors."))
+            for key, value in upgrade_state_dict(latest.state["model"]).items()
+            if key.startswith(("online.projectors.", "predictors."))
         }
         model.load_state_dict(heads, strict=False)
-        trained = sorted({key.split(".")[1] for key in heads})
+        trained = sorted({key.removeprefix("online.").split(".")[1] for key in heads})
     # tau = 0 makes the EMA target an exact copy of the online network.
     model.update_target(0.0)
     return model.eval(), trained
@@ -163,7 +164,7 @@ def gradient_maps(model: LadderSiam, view_a: Tensor, view_b: Tensor) -> dict[str
         Level -> float ``[N, h, w]`` non-negative maps at res2's resolution.
     """
     captured: list[Tensor] = []
-    hook = model.backbone.layer1.register_forward_hook(
+    hook = model.online.backbone.layer1.register_forward_hook(
         lambda _module, _inputs, output: captured.append(output)
     )
     try:

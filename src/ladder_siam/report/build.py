@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ladder_siam.data.manifest import load_split
+from ladder_siam.errors import UsageError
 from ladder_siam.io import storage
 from ladder_siam.nets.archs import STAGES
 from ladder_siam.report.analysis_section import AnalysisSettings, analysis_sections
@@ -64,15 +65,15 @@ class ReportConfig:
             ValueError: A setting is out of range.
         """
         if not self.runs:
-            raise ValueError("--runs: give at least one run folder")
+            raise UsageError("--runs: give at least one run folder")
         if not self.out:
-            raise ValueError("--out: required")
+            raise UsageError("--out: required")
         if self.analysis_count < 2:
-            raise ValueError(f"--analysis-count {self.analysis_count}: need at least 2 images")
+            raise UsageError(f"--analysis-count {self.analysis_count}: need at least 2 images")
         if self.analysis_image_size is not None and self.analysis_image_size < 16:
-            raise ValueError(f"--analysis-image-size {self.analysis_image_size}: at least 16 px")
+            raise UsageError(f"--analysis-image-size {self.analysis_image_size}: at least 16 px")
         if not 1 <= self.gradient_images <= self.analysis_count:
-            raise ValueError(f"--gradient-images {self.gradient_images}: 1..--analysis-count")
+            raise UsageError(f"--gradient-images {self.gradient_images}: 1..--analysis-count")
 
 
 @dataclass

@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ladder_siam.errors import UsageError
 from ladder_siam.nets.archs import STAGES
 from ladder_siam.report.statistics import (
     Interval,
@@ -93,7 +94,7 @@ def check_arms(arms: Sequence[Arm]) -> None:
     seen: set[tuple[str, int]] = set()
     for arm in arms:
         if (arm.method, arm.seed) in seen:
-            raise ValueError(f"two runs of {arm.method} with seed {arm.seed}: {arm.run}")
+            raise UsageError(f"two runs of {arm.method} with seed {arm.seed}: {arm.run}")
         seen.add((arm.method, arm.seed))
 
 

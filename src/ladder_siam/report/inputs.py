@@ -13,6 +13,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+from ladder_siam.errors import UsageError
 from ladder_siam.io import storage
 from ladder_siam.runtime.run_folder import ARMS, BACKBONE_INFO, EVALUATIONS, TRAIN_LOG, RunFolder
 from ladder_siam.runtime.train_log import read_train_log
@@ -84,9 +85,9 @@ def _read_json(uri: str) -> dict[str, Any] | None:
     try:
         data = json.loads(storage.read_text(uri))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{uri}: not valid JSON: {error}") from error
+        raise UsageError(f"{uri}: not valid JSON: {error}") from error
     if not isinstance(data, dict):
-        raise ValueError(f"{uri}: expected a JSON object, found {type(data).__name__}")
+        raise UsageError(f"{uri}: expected a JSON object, found {type(data).__name__}")
     return data
 
 
@@ -108,13 +109,13 @@ def load_run(uri: str, name: str | None = None) -> RunResults:
     try:
         train_log = read_train_log(uri) if storage.exists(log_uri) else []
     except json.JSONDecodeError as error:
-        raise ValueError(f"{log_uri}: not valid JSON lines: {error}") from error
+        raise UsageError(f"{log_uri}: not valid JSON lines: {error}") from error
     evaluations = {
         evaluation: _read_json(run.eval_metrics(evaluation)) for evaluation in EVALUATIONS
     }
     has_backbone = storage.exists(backbone)
     if info is None and not has_backbone and not train_log and not any(evaluations.values()):
-        raise ValueError(
+        raise UsageError(
             f"{uri}: no run artifacts (backbone.pt, backbone.json, {TRAIN_LOG}, "
             "eval/*/metrics.json); is this a pretraining run's --out?"
         )
@@ -172,7 +173,7 @@ def expand_runs(uris: list[str], names: list[str] | None = None) -> list[str]:
     for uri in uris:
         arms = arms_of_run(uri)
         if names is not None and len(arms) > 1:
-            raise ValueError(
+            raise UsageError(
                 f"--names: {uri} is a pipeline run of {len(arms)} arms; name its arms' folders "
                 f"({uri}/{ARMS}/...) one by one, or leave out --names"
             )
@@ -189,9 +190,9 @@ def load_runs(uris: list[str], names: list[str] | None = None) -> list[RunResult
     """
     if names is not None:
         if len(names) != len(uris):
-            raise ValueError(f"--names: {len(names)} names for {len(uris)} runs")
+            raise UsageError(f"--names: {len(names)} names for {len(uris)} runs")
         if len(set(names)) != len(names):
-            raise ValueError(f"--names {names}: every run needs its own name")
+            raise UsageError(f"--names {names}: every run needs its own name")
     runs = [load_run(uri, names[i] if names else None) for i, uri in enumerate(uris)]
     seen: dict[str, int] = {}
     for run in runs:

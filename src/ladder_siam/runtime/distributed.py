@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ladder_siam.errors import UsageError
+
 logger = logging.getLogger(__name__)
 
 
@@ -88,7 +90,7 @@ def batchnorm_group(scope: str) -> dist.ProcessGroup | None:
     if scope == "all" or world_size == 1:
         return None
     if "LOCAL_WORLD_SIZE" not in os.environ:
-        raise ValueError("--sync-bn-scope node: LOCAL_WORLD_SIZE is not set; launch with torchrun")
+        raise UsageError("--sync-bn-scope node: LOCAL_WORLD_SIZE is not set; launch with torchrun")
     node_size = int(os.environ["LOCAL_WORLD_SIZE"])
     if node_size == world_size:
         return None

@@ -50,6 +50,11 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
 }
 
 
+def flag_name(field: str) -> str:
+    """The flag of a config field: ``batch_size`` → ``--batch-size``."""
+    return "--" + field.replace("_", "-")
+
+
 def add_config_flags(
     parser: argparse.ArgumentParser,
     config_type: type,
@@ -77,7 +82,7 @@ def add_config_flags(
                 raise TypeError(f"{config_type.__name__}.{field.name}: no parser for {field.type}")
             parse = str
         parser.add_argument(
-            "--" + field.name.replace("_", "-"),
+            flag_name(field.name),
             type=parse,
             choices=(choices or {}).get(field.name),
             default=argparse.SUPPRESS,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import math
+from collections.abc import Mapping
 
 import torch
 
@@ -10,43 +12,58 @@ logger = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(FloatingPointError):
-    """A loss became NaN or infinite; the message names the levels and the step."""
+    """A loss became NaN or infinite; the message names the loop, the step and the values.
 
-    def __init__(self, levels: list[str], step: int) -> None:
-        super().__init__(f"non-finite loss at level {', '.join(levels)} in step {step}")
-        self.levels = levels
+    Attributes:
+        loop: The training loop that stopped (``pretraining``, ``detection finetune``...).
+        step: The step whose loss was not finite (1-based: the steps completed with it).
+        values: Each non-finite loss by name. A total that sums named parts is left out
+            when a part is non-finite too: the part says where it started.
+    """
+
+    def __init__(self, loop: str, step: int, values: Mapping[str, float]) -> None:
+        named = ", ".join(f"{name} = {value}" for name, value in values.items())
+        super().__init__(f"{loop}: non-finite loss in step {step}: {named}")
+        self.loop = loop
         self.step = step
+        self.values = dict(values)
 
 
 class FiniteCheck:
-    """Checks each step's losses for NaN/inf one step later, without stalling the GPU.
+    """Collects each step's losses on the device and checks them all once per interval.
 
-    Reading a loss on the host waits for the GPU to finish the step. Checking the previous
-    step's flags instead (finished by the time the next step is queued) costs no stall and
-    still stops the run within one step.
+    Reading a loss on the host waits for the device to finish the step; a check per step
+    would stall the GPU every step. The loop calls :meth:`check` where it reads the device
+    anyway (each logging interval, and before a checkpoint, so none holds a NaN model): a
+    non-finite loss stops the run within one interval, naming its first step.
+
+    Args:
+        loop: The loop's name, for the error message.
+        total: The name of the value that sums the others, if any: a non-finite part makes
+            it non-finite too, and the error names the part, where the problem started.
     """
 
-    def __init__(self) -> None:
-        self._pending: tuple[int, list[str], torch.Tensor] | None = None
+    def __init__(self, loop: str, total: str = "loss") -> None:
+        self.loop = loop
+        self.total = total
+        self._pending: list[tuple[int, list[str], torch.Tensor]] = []
 
-    def submit(self, step: int, losses: dict[str, torch.Tensor]) -> None:
-        """Queues this step's losses; checks the previous step's."""
-        self.check()
-        flags = torch.isfinite(torch.stack([loss.detach().float() for loss in losses.values()]))
-        self._pending = (step, list(losses), flags)
+    def submit(self, step: int, losses: Mapping[str, torch.Tensor]) -> None:
+        """Queues one step's losses (scalars); nothing is read from the device here."""
+        values = torch.stack([loss.detach().float() for loss in losses.values()])
+        self._pending.append((step, list(losses), values))
 
     def check(self) -> None:
-        """Raises :class:`NonFiniteLossError` if the queued step had a non-finite loss."""
-        if self._pending is None:
+        """Raises :class:`NonFiniteLossError` for the first queued step with a non-finite loss."""
+        pending, self._pending = self._pending, []
+        if not pending or bool(torch.isfinite(torch.cat([v for _, _, v in pending])).all()):
             return
-        step, levels, flags = self._pending
-        self._pending = None
-        finite = flags.tolist()
-        if not all(finite):
-            bad = [level for level, ok in zip(levels, finite, strict=True) if not ok]
-            # The total is non-finite whenever a level is; name the level when there is one.
-            bad = [level for level in bad if level != "total"] or bad
-            raise NonFiniteLossError(bad, step)
+        for step, names, values in pending:
+            read = dict(zip(names, values.tolist(), strict=True))
+            bad = {name: value for name, value in read.items() if not math.isfinite(value)}
+            if bad:
+                parts = {name: value for name, value in bad.items() if name != self.total}
+                raise NonFiniteLossError(self.loop, step, parts or bad)
 
 
 class CollapseMonitor:

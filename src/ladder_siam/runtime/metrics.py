@@ -31,6 +31,7 @@ from prometheus_client import (
 )
 
 from ladder_siam import __version__
+from ladder_siam.errors import UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -213,7 +214,7 @@ class TrainingMetrics:
         try:
             self._server, _ = start_http_server(port, addr, registry=self.registry)
         except (OSError, OverflowError) as error:
-            raise ValueError(
+            raise UsageError(
                 f"--metrics-port {port}: cannot serve metrics there ({error}); choose another "
                 "port, or 0 to turn metrics off"
             ) from error

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from ladder_siam.errors import UsageError
 from ladder_siam.io import storage
 
 PER_IMAGE = "per_image.json"
@@ -100,4 +101,4 @@ def read_per_image(out: str) -> PerImage | None:
         }
         return PerImage(str(document["order"]), images, correct, counts)
     except (KeyError, TypeError, ValueError) as error:
-        raise ValueError(f"{uri}: not a per-image results file: {error}") from error
+        raise UsageError(f"{uri}: not a per-image results file: {error}") from error

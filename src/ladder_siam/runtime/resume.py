@@ -25,6 +25,7 @@ from typing import Any, Protocol
 
 import torch
 
+from ladder_siam.errors import UsageError
 from ladder_siam.io import storage
 from ladder_siam.runtime import checkpoint
 from ladder_siam.runtime.checkpoint import Checkpoint
@@ -64,7 +65,7 @@ class Stateful(Protocol):
         """Restores what :meth:`state_dict` returned."""
 
 
-class ResumeError(ValueError):
+class ResumeError(UsageError):
     """A checkpoint exists but belongs to a different run; the message lists every difference."""
 
 

@@ -15,6 +15,8 @@ import math
 
 import torch
 
+from ladder_siam.errors import UsageError
+
 
 def _check_count(name: str, value: int, minimum: int) -> None:
     """Raises unless ``value`` is an int (not a bool) of at least ``minimum``."""
@@ -43,7 +45,7 @@ def steps_per_epoch(num_samples: int, global_batch: int, drop_last: bool = True)
     _check_count("global_batch", global_batch, 1)
     steps = num_samples // global_batch if drop_last else -(-num_samples // global_batch)
     if steps < 1:
-        raise ValueError(
+        raise UsageError(
             f"num_samples ({num_samples}) is smaller than global_batch ({global_batch}) "
             "and drop_last is set: an epoch would have no steps"
         )

@@ -16,6 +16,8 @@ import typing
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
+from ladder_siam.errors import UsageError
+
 T = TypeVar("T")
 
 
@@ -28,7 +30,7 @@ def config_from_dict(config_type: type[T], data: Mapping[str, Any], source: str)
         source: Names where ``data`` came from (a file, a parameter) in error messages.
 
     Raises:
-        ValueError: An unknown key, or a value that does not fit its field's type.
+        UsageError: An unknown key, or a value that does not fit its field's type.
     """
     return config_type(**check_fields(config_type, data, source))
 
@@ -37,13 +39,13 @@ def check_fields(config_type: type, data: Mapping[str, Any], source: str) -> dic
     """``data`` with each value converted to its field's type (see :func:`config_from_dict`).
 
     Raises:
-        ValueError: An unknown key, or a value that does not fit its field's type.
+        UsageError: An unknown key, or a value that does not fit its field's type.
     """
     hints = typing.get_type_hints(config_type)
     names = [field.name for field in dataclasses.fields(config_type)]
     unknown = sorted(set(data) - set(names))
     if unknown:
-        raise ValueError(f"{source}: unknown settings {', '.join(unknown)}")
+        raise UsageError(f"{source}: unknown settings {', '.join(unknown)}")
     return {name: _convert(value, hints[name], f"{source}: {name}") for name, value in data.items()}
 
 
@@ -59,7 +61,7 @@ def _convert(value: Any, hint: Any, where: str) -> Any:
                 return _convert(value, option, where)
             except ValueError:
                 continue
-        raise ValueError(f"{where}: {value!r} is not {_describe(hint)}")
+        raise UsageError(f"{where}: {value!r} is not {_describe(hint)}")
     if dataclasses.is_dataclass(hint) and isinstance(value, Mapping):
         return config_from_dict(hint, value, where)  # type: ignore[arg-type]
     if origin in (list, tuple) and isinstance(value, list | tuple):
@@ -82,7 +84,7 @@ def _convert(value: Any, hint: Any, where: str) -> Any:
         return float(value)
     if hint is str and isinstance(value, str):
         return value
-    raise ValueError(f"{where}: {value!r} is not {_describe(hint)}")
+    raise UsageError(f"{where}: {value!r} is not {_describe(hint)}")
 
 
 def _describe(hint: Any) -> str:

@@ -24,6 +24,8 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from ladder_siam.errors import UsageError
+
 logger = logging.getLogger(__name__)
 
 IOU_TYPES = ("bbox", "segm")
@@ -191,7 +193,7 @@ def coco_evaluate(
         ValueError: No ground-truth instance at all, or a prediction for an unknown image.
     """
     if not any(record["instances"] for record in gt_records):
-        raise ValueError("the evaluation split has no annotated instances: no AP to compute")
+        raise UsageError("the evaluation split has no annotated instances: no AP to compute")
     gt = ground_truth(gt_records, categories)
     unknown = {p.image_id for p in predictions} - set(gt.getImgIds())
     if unknown:

@@ -8,15 +8,25 @@ that a resume cannot silently change the recipe.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from bisect import bisect_right
 from dataclasses import dataclass
 from typing import Any
 
 from ladder_siam.nets.archs import ARCHS
-from ladder_siam.runtime.flags import add_config_flags, explicit_flags
+from ladder_siam.runtime.flags import add_config_flags
+from ladder_siam.runtime.step_config import (
+    PRECISIONS,
+    at_least,
+    between,
+    check,
+    from_preset,
+    one_of,
+    positive,
+    preset_and_overrides,
+    required,
+    step_checks,
+)
 
-PRECISIONS = ("fp32", "bf16")
 # One anchor size per FPN level: P2..P5 and the max-pooled P6 (Lin et al., FPN, Sec. 4.1).
 FPN_LEVELS = 5
 # The 1x recipe's learning rate is for 16 images per step; other batches scale it linearly
@@ -89,45 +99,37 @@ class DetectionConfig:
         return factor
 
     def validate(self, world_size: int = 1) -> None:
-        """Raises ``ValueError`` naming the first bad setting."""
-        checks = [
-            (bool(self.backbone), "--backbone is required"),
-            (bool(self.train), "--train is required"),
-            (bool(self.val), "--val is required"),
-            (bool(self.out), "--out is required"),
-            (self.preset in PRESETS, f"--preset {self.preset!r}: expected {' or '.join(PRESETS)}"),
+        """Raises ``UsageError`` naming the first bad setting."""
+        check([
+            *required(self, "backbone", "train", "val", "out"),
+            one_of(self, "preset", PRESETS),
+            one_of(self, "arch", ARCHS),
+            one_of(self, "precision", PRECISIONS),
+            at_least(self, "iterations", 1),
+            *step_checks(self, world_size),
+            positive(self, "base_lr"),
+            at_least(self, "weight_decay", 0),
+            between(self, "momentum", 0, 1, open_high=True),
+            at_least(self, "warmup_iterations", 0),
+            between(self, "warmup_factor", 0, 1, open_low=True),
             (
-                self.arch is None or self.arch in ARCHS,
-                f"--arch {self.arch!r}: expected one of {', '.join(ARCHS)}",
+                list(self.lr_steps) == sorted(self.lr_steps),
+                f"--lr-steps {','.join(map(str, self.lr_steps))}: must be increasing",
             ),
-            (self.precision in PRECISIONS, f"--precision {self.precision!r}: expected fp32/bf16"),
-            (self.iterations >= 1, f"--iterations {self.iterations}: at least 1"),
+            at_least(self, "min_size", 16),
             (
-                self.batch_size >= world_size and self.batch_size % world_size == 0,
-                f"--batch-size {self.batch_size}: must be a positive multiple of the world "
-                f"size {world_size}",
+                self.min_size <= self.max_size,
+                f"--min-size {self.min_size}: must be at most --max-size ({self.max_size})",
             ),
-            (self.base_lr > 0, f"--base-lr {self.base_lr}: must be positive"),
-            (self.weight_decay >= 0, f"--weight-decay {self.weight_decay}: must be >= 0"),
-            (0 <= self.momentum < 1, f"--momentum {self.momentum}: must be in [0, 1)"),
-            (self.warmup_iterations >= 0, "--warmup-iterations: must be >= 0"),
-            (0 < self.warmup_factor <= 1, "--warmup-factor: must be in (0, 1]"),
-            (list(self.lr_steps) == sorted(self.lr_steps), "--lr-steps: must be increasing"),
-            (16 <= self.min_size <= self.max_size, "--min-size: at least 16, at most --max-size"),
-            (0 <= self.flip_prob <= 1, f"--flip-prob {self.flip_prob}: must be in [0, 1]"),
+            between(self, "flip_prob", 0, 1),
             (
                 len(self.anchor_sizes) == FPN_LEVELS,
-                f"--anchor-sizes {self.anchor_sizes}: one size per FPN level P2..P6",
+                f"--anchor-sizes {','.join(map(str, self.anchor_sizes))}: must be one size per "
+                "FPN level P2..P6",
             ),
-            (self.cpu_threads is None or self.cpu_threads >= 1, "--cpu-threads: at least 1"),
-            (self.eval_batch_size >= 1, "--eval-batch-size: at least 1"),
-            (self.log_every >= 1, f"--log-every {self.log_every}: at least 1"),
-            (self.checkpoint_every >= 1, f"--checkpoint-every {self.checkpoint_every}: >= 1"),
-            (self.keep_checkpoints >= 1, f"--keep-checkpoints {self.keep_checkpoints}: >= 1"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
+            at_least(self, "cpu_threads", 1),
+            at_least(self, "eval_batch_size", 1),
+        ])  # fmt: skip
 
 
 # Differences from the 1x defaults. ``tiny`` runs in `make demo` within about a minute on two
@@ -219,18 +221,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_flags(parser, DetectionConfig, HELP, choices={"preset": list(PRESETS)})
 
 
-def make_config(preset: str = "coco-1x", **overrides: Any) -> DetectionConfig:
+def make_config(preset: str = DetectionConfig.preset, **overrides: Any) -> DetectionConfig:
     """The ``preset``'s configuration with ``overrides`` applied on top.
 
     Raises:
-        ValueError: An unknown preset.
+        UsageError: An unknown preset.
     """
-    if preset not in PRESETS:
-        raise ValueError(f"preset {preset!r}: expected {' or '.join(PRESETS)}")
-    return dataclasses.replace(DetectionConfig(), preset=preset, **{**PRESETS[preset], **overrides})
+    return from_preset(DetectionConfig, PRESETS, preset, preset=preset, **overrides)
 
 
 def config_from_args(args: argparse.Namespace) -> DetectionConfig:
     """Merges the defaults, the ``--preset`` and explicit flags."""
-    overrides = explicit_flags(args, DetectionConfig)
-    return make_config(overrides.pop("preset", "coco-1x"), **overrides)
+    preset, overrides = preset_and_overrides(args, DetectionConfig, DetectionConfig.preset)
+    return make_config(preset, **overrides)

@@ -24,13 +24,11 @@ import argparse
 import dataclasses
 import json
 import logging
-import time
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 from ladder_siam.data.manifest import ManifestError, SplitManifest, load_split
 from ladder_siam.data.shards import ShardDataset, make_loader
@@ -42,15 +40,26 @@ from ladder_siam.evals.detection.config import (
     config_from_args,
 )
 from ladder_siam.evals.detection.data import TrainTransform, collate_lists, eval_transform
-from ladder_siam.evals.detection.model import build_mask_rcnn, convert_sync_bn, param_groups
+from ladder_siam.evals.detection.model import build_mask_rcnn, param_groups
 from ladder_siam.io import storage
 from ladder_siam.nets.backbone_file import load_backbone
 from ladder_siam.runtime import distributed, resume
+from ladder_siam.runtime.health import FiniteCheck
+from ladder_siam.runtime.loop import (
+    IntervalLog,
+    autocast,
+    convert_sync_bn,
+    cpu_threads,
+    set_lr,
+    wrap_ddp,
+)
 from ladder_siam.runtime.metrics import push_job_metrics
 from ladder_siam.runtime.progress import Progress
 from ladder_siam.runtime.run_folder import metrics_uri, run_of
+from ladder_siam.runtime.train_log import TrainLog
 
 logger = logging.getLogger(__name__)
+LOOP = "detection finetune"
 
 
 @dataclasses.dataclass
@@ -63,6 +72,7 @@ class Finetune:
     step_model: nn.Module
     optimizer: torch.optim.SGD
     dataset: ShardDataset
+    train_log: TrainLog
     inputs: dict[str, str]
     step: int = 0
 
@@ -76,19 +86,16 @@ def finetune_detection(config: DetectionConfig) -> dict[str, Any]:
         The contents of ``OUT/metrics.json`` (on every rank).
 
     Raises:
-        ValueError: A bad setting or input (not COCO-layout shards, a backbone of the wrong
-            architecture, an unreadable file...), detected before training starts.
-        FloatingPointError: The training loss became NaN or infinite.
+        UsageError: A bad setting or input (not COCO-layout shards, a backbone of the wrong
+            architecture or with non-finite weights...), detected before training starts.
+        NonFiniteLossError: A training loss became NaN or infinite.
     """
     env = distributed.setup()
-    threads = torch.get_num_threads()
     try:
         config.validate(env.world_size)
-        if config.cpu_threads is not None:
-            torch.set_num_threads(config.cpu_threads)
-        return _run(config, env)
+        with cpu_threads(config.cpu_threads):
+            return _run(config, env)
     finally:
-        torch.set_num_threads(threads)
         distributed.cleanup()
 
 
@@ -158,7 +165,9 @@ def build_finetune(
     """
     torch.manual_seed(config.seed)
     model = build_mask_rcnn(backbone, num_classes + 1, config)
-    model = convert_sync_bn(model, env.world_size, env.device.type).to(env.device)
+    if config.sync_bn:
+        model = convert_sync_bn(model, env)
+    model = model.to(env.device)
     optimizer = torch.optim.SGD(
         param_groups(model, config.weight_decay), lr=config.lr, momentum=config.momentum
     )
@@ -171,75 +180,63 @@ def build_finetune(
     resumed = resume.resume(config.out, config, inputs, map_location=env.device)
     if resumed is not None:
         resume.restore(resumed, {"model": model, "optimizer": optimizer})
-    step_model: nn.Module = model
-    if env.world_size > 1:
-        step_model = DistributedDataParallel(
-            model, device_ids=[env.device] if env.device.type == "cuda" else None
-        )
     step = resumed.step if resumed else 0
-    return Finetune(config, env, model, step_model, optimizer, dataset, inputs, step)
+    train_log = TrainLog(config.out, resumed.step if resumed else None, env.is_main)
+    return Finetune(
+        config, env, model, wrap_ddp(model, env), optimizer, dataset, train_log, inputs, step
+    )
 
 
 def train(run: Finetune) -> None:
     """Trains from ``run.step`` to ``config.iterations``, one loader per epoch."""
     config, env = run.config, run.env
     steps_per_epoch = run.dataset.batches_per_epoch
-    with Progress(config.iterations, "detection finetune", "step", logger, env.is_main) as bar:
-        bar.update(run.step)
+    finite = FiniteCheck(LOOP)
+    interval = IntervalLog(LOOP, config.iterations, run.train_log, env.is_main)
+    with Progress(config.iterations, LOOP, "step", logger, env.is_main) as progress:
+        progress.update(run.step)
         while run.step < config.iterations:
             # The loader is deterministic per (seed, epoch, batch): resuming mid-epoch at this
             # batch yields exactly the batches an uninterrupted run would have trained on.
             run.dataset.set_epoch(run.step // steps_per_epoch, run.step % steps_per_epoch)
             loader = make_loader(run.dataset, config.workers, env.device.type == "cuda")
-            _train_epoch(run, loader, bar)
+            train_one_epoch(run, loader, finite, interval, progress)
 
 
-def _train_epoch(run: Finetune, loader: torch.utils.data.DataLoader, bar: Progress) -> None:
+def train_one_epoch(
+    run: Finetune,
+    loader: torch.utils.data.DataLoader,
+    finite: FiniteCheck,
+    interval: IntervalLog,
+    progress: Progress,
+) -> None:
+    """Steps through one epoch's batches (from the resumed position) until it or the run ends."""
     config, device = run.config, run.env.device
-    autocast = torch.autocast(device.type, torch.bfloat16, enabled=config.precision == "bf16")
     run.model.train()
-    interval: list[torch.Tensor] = []
-    start = time.perf_counter()
     for images, targets in loader:
-        for group in run.optimizer.param_groups:
-            group["lr"] = config.lr * config.lr_factor(run.step)
+        lr = config.lr * config.lr_factor(run.step)
+        set_lr(run.optimizer, lr)
         images = [image.to(device, non_blocking=True) for image in images]
         targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
-        with autocast:
+        with autocast(device, config.precision):
             losses = run.step_model(images, targets)
         loss = sum(losses.values())
-        values = torch.stack([loss.detach(), *(v.detach() for v in losses.values())]).float()
-        if not torch.isfinite(values).all():
-            bad = [name for name, v in losses.items() if not torch.isfinite(v)]
-            raise FloatingPointError(f"step {run.step}: non-finite detection loss {bad}")
         loss.backward()
         run.optimizer.step()
         run.optimizer.zero_grad(set_to_none=True)
         run.step += 1
-        bar.update(1)
-        interval.append(values)
+        values = {"loss": loss.detach(), **{name: v.detach() for name, v in losses.items()}}
+        finite.submit(run.step, values)
+        interval.add(values, config.batch_size)
+        progress.update(1)
         if run.step % config.log_every == 0 or run.step == config.iterations:
-            _log(run, list(losses), interval, time.perf_counter() - start, bar)
-            interval, start = [], time.perf_counter()
+            finite.check()
+            interval.write(run.step, lr, progress)
         if run.step % config.checkpoint_every == 0 or run.step == config.iterations:
+            finite.check()
             save_checkpoint(run)
         if run.step == config.iterations:
             return
-
-
-def _log(
-    run: Finetune, names: list[str], interval: list[torch.Tensor], seconds: float, bar: Progress
-) -> None:
-    if not run.env.is_main or bar.has_bar:
-        return
-    total, *parts = torch.stack(interval).mean(dim=0).tolist()
-    images = len(interval) * run.config.batch_size
-    logger.info(
-        "step %d/%d loss %.4f (%s) lr %.4g %.1f img/s",
-        run.step, run.config.iterations, total,
-        " ".join(f"{n.removeprefix('loss_')} {v:.3f}" for n, v in zip(names, parts, strict=True)),
-        run.optimizer.param_groups[0]["lr"], images / max(seconds, 1e-9),
-    )  # fmt: skip
 
 
 def save_checkpoint(run: Finetune) -> None:

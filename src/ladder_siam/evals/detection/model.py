@@ -7,7 +7,8 @@ detectron2 configs, ``NORM: "SyncBN"`` in the backbone, FPN and heads) finetune 
 with trainable, synchronised BatchNorm instead. This module builds that model:
 
 * the backbone: every stage trainable, its own ``nn.BatchNorm2d`` kept (SyncBN under
-  torchrun on GPUs, see :func:`convert_sync_bn`);
+  torchrun on GPUs with ``--sync-bn``: two images per GPU are far too few samples for
+  BatchNorm on their own, synchronised statistics see the whole batch of 16);
 * the FPN (P2-P5 plus a max-pooled P6) with BatchNorm after its convolutions;
 * the box head 4conv1fc and the mask head 4conv, both with BatchNorm (DenseCL's detectron2
   Mask R-CNN FPN config; torchvision's ``maskrcnn_resnet50_fpn_v2`` has the same heads);
@@ -83,18 +84,6 @@ def build_mask_rcnn(backbone: nn.Module, num_classes: int, config: DetectionConf
         mask_head=MaskRCNNHeads(channels, [channels] * HEAD_CONVS, 1, nn.BatchNorm2d),
         mask_predictor=MaskRCNNPredictor(channels, channels, num_classes),
     )
-
-
-def convert_sync_bn(model: nn.Module, world_size: int, device_type: str) -> nn.Module:
-    """SyncBN across GPUs under torchrun; plain BatchNorm otherwise.
-
-    Two images per GPU give BatchNorm far too few samples on their own; synchronised
-    statistics see the whole batch of 16. PyTorch's SyncBatchNorm runs on GPUs only, so CPU
-    (gloo) runs keep per-process statistics.
-    """
-    if world_size > 1 and device_type == "cuda":
-        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    return model
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, object]]:

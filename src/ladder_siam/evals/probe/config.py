@@ -7,15 +7,26 @@ value is checked before a backbone or a shard is touched.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
 from ladder_siam.nets.archs import ARCHS, STAGES
-from ladder_siam.runtime.flags import add_config_flags, explicit_flags
+from ladder_siam.runtime.flags import add_config_flags
+from ladder_siam.runtime.step_config import (
+    at_least,
+    between,
+    check,
+    from_preset,
+    one_of,
+    positive,
+    preset_and_overrides,
+    required,
+    step_checks,
+)
 
 PROTOCOLS = ("fast", "standard")
 
+DEFAULT_PRESET = "paper"
 # ``tiny`` is for the demo and tests: 32-48 px shards, a couple of CPU cores, seconds per run.
 PRESETS: dict[str, dict[str, Any]] = {
     "paper": {},
@@ -25,6 +36,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "batch_size": 32,
         "extract_batch_size": 64,
         "workers": 0,
+        "log_every": 10,
         "checkpoint_every": 10,
     },
 }
@@ -63,6 +75,7 @@ class ProbeConfig:
     workers: int = 8
     cache_features: bool = False
     seed: int = 0
+    log_every: int = 50
     checkpoint_every: int = 1000
     keep_checkpoints: int = 2
     max_steps: int | None = None
@@ -83,17 +96,11 @@ class ProbeConfig:
         return round(self.image_size / self.crop_fraction)
 
     def validate(self, world_size: int = 1) -> None:
-        """Raises ``ValueError`` naming the first bad setting."""
+        """Raises ``UsageError`` naming the first bad setting."""
         unknown = [stage for stage in self.stages or [] if stage not in STAGES]
-        checks = [
-            (bool(self.backbone), "--backbone is required"),
-            (bool(self.train), "--train is required"),
-            (bool(self.val), "--val is required"),
-            (bool(self.out), "--out is required"),
-            (
-                self.protocol in PROTOCOLS,
-                f"--protocol {self.protocol!r}: expected {' or '.join(PROTOCOLS)}",
-            ),
+        check([
+            *required(self, "backbone", "train", "val", "out"),
+            one_of(self, "protocol", PROTOCOLS),
             (
                 not unknown,
                 f"--stages: unknown stage {', '.join(unknown)}; expected some of "
@@ -104,37 +111,22 @@ class ProbeConfig:
                 self.stages is None or len(set(self.stages)) == len(self.stages),
                 f"--stages {','.join(self.stages or [])}: a stage is named twice",
             ),
-            (
-                self.arch is None or self.arch in ARCHS,
-                f"--arch {self.arch!r}: expected one of {', '.join(ARCHS)}",
-            ),
-            (self.image_size >= 16, f"--image-size {self.image_size}: at least 16 px"),
-            (0 < self.crop_fraction <= 1, f"--crop-fraction {self.crop_fraction}: in (0, 1]"),
-            (self.epochs >= 1, f"--epochs {self.epochs}: at least 1"),
-            (
-                self.batch_size >= 2 * world_size,
-                f"--batch-size {self.batch_size}: at least 2 per rank (the heads' batch "
-                "normalisation needs two samples)",
-            ),
-            (
-                self.protocol == "fast" or self.batch_size % world_size == 0,
-                f"--batch-size {self.batch_size}: must be divisible by world size {world_size}",
-            ),
-            (self.base_lr > 0, f"--base-lr {self.base_lr}: must be positive"),
-            (0 <= self.momentum < 1, f"--momentum {self.momentum}: in [0, 1)"),
-            (self.weight_decay >= 0, f"--weight-decay {self.weight_decay}: must be >= 0"),
-            (self.knn_k >= 1, f"--knn-k {self.knn_k}: at least 1"),
-            (self.knn_temperature > 0, f"--knn-temperature {self.knn_temperature}: positive"),
-            (self.knn_chunk >= 1, f"--knn-chunk {self.knn_chunk}: at least 1"),
-            (self.extract_batch_size >= 1, f"--extract-batch-size {self.extract_batch_size}"),
-            (self.workers >= 0, f"--workers {self.workers}: must be >= 0"),
-            (self.checkpoint_every >= 1, f"--checkpoint-every {self.checkpoint_every}: >= 1"),
-            (self.keep_checkpoints >= 1, f"--keep-checkpoints {self.keep_checkpoints}: >= 1"),
-            (self.max_steps is None or self.max_steps >= 1, "--max-steps: at least 1"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
+            one_of(self, "arch", ARCHS),
+            at_least(self, "image_size", 16),
+            between(self, "crop_fraction", 0, 1, open_low=True),
+            at_least(self, "epochs", 1),
+            # The heads' batch normalisation needs two samples on each rank; only the standard
+            # protocol splits its batch over the ranks (the fast one trains on all features).
+            *step_checks(self, world_size, per_rank=2, divisible=self.protocol != "fast"),
+            positive(self, "base_lr"),
+            between(self, "momentum", 0, 1, open_high=True),
+            at_least(self, "weight_decay", 0),
+            at_least(self, "knn_k", 1),
+            positive(self, "knn_temperature"),
+            at_least(self, "knn_chunk", 1),
+            at_least(self, "extract_batch_size", 1),
+            at_least(self, "max_steps", 1),
+        ])  # fmt: skip
 
 
 HELP = {
@@ -151,7 +143,8 @@ HELP = {
     "image_size": "crop size in pixels (224 for ImageNet; the demo uses 32-48)",
     "crop_fraction": "evaluation centre crop / resized shorter side (224/256 = 0.875)",
     "epochs": "classifier training epochs (the paper: 100)",
-    "batch_size": "global batch of the classifier training",
+    "batch_size": "global batch of the classifier training (at least 2 per rank: the heads' "
+    "batch normalisation needs two samples)",
     "base_lr": "SGD learning rate per 256 samples (lr = base_lr x batch / 256), cosine to 0",
     "momentum": "SGD momentum",
     "weight_decay": "SGD weight decay of the classifiers",
@@ -164,6 +157,8 @@ HELP = {
     "workers": "data-loader processes per rank",
     "cache_features": "keep extracted features under OUT/features/ and reuse them on a rerun",
     "seed": "seed of the classifier initialisation and the data order",
+    "log_every": "standard protocol: steps per log line and train_log.jsonl record (the fast "
+    "protocol writes one per epoch)",
     "checkpoint_every": "standard protocol: steps between checkpoints (and one at the end)",
     "keep_checkpoints": "standard protocol: newest checkpoints to keep",
     "max_steps": "standard protocol: stop after this many steps (smoke tests)",
@@ -179,7 +174,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--preset",
         choices=sorted(PRESETS),
-        default="paper",
+        default=DEFAULT_PRESET,
         help="paper: the published protocol (default); tiny: few epochs at 32 px for the "
         "demo and tests; explicit flags override either",
     )
@@ -188,17 +183,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def make_config(preset: str = "paper", **overrides: Any) -> ProbeConfig:
+def make_config(preset: str = DEFAULT_PRESET, **overrides: Any) -> ProbeConfig:
     """The ``preset``'s configuration with ``overrides`` applied on top.
 
     Raises:
-        ValueError: An unknown preset.
+        UsageError: An unknown preset.
     """
-    if preset not in PRESETS:
-        raise ValueError(f"preset {preset!r}: expected {' or '.join(PRESETS)}")
-    return dataclasses.replace(ProbeConfig(), **{**PRESETS[preset], **overrides})
+    return from_preset(ProbeConfig, PRESETS, preset, **overrides)
 
 
 def config_from_args(args: argparse.Namespace) -> ProbeConfig:
     """Merges the defaults, the preset and the explicit flags."""
-    return make_config(getattr(args, "preset", "paper"), **explicit_flags(args, ProbeConfig))
+    preset, overrides = preset_and_overrides(args, ProbeConfig, DEFAULT_PRESET)
+    return make_config(preset, **overrides)

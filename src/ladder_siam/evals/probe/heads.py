@@ -20,14 +20,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ladder_siam.errors import UsageError
+from ladder_siam.runtime.health import FiniteCheck
+from ladder_siam.runtime.loop import IntervalLog, set_lr
 from ladder_siam.runtime.progress import Progress
 from ladder_siam.runtime.schedules import warmup_cosine
+from ladder_siam.runtime.train_log import TrainLog
 
 # Confusion matrices only where a person can read them (and KFP's UI can draw them):
 # Fashion-MNIST's 10 classes, not ImageNet's 1000.
 CONFUSION_MAX_CLASSES = 100
 
 logger = logging.getLogger(__name__)
+LOOP = "linear probe heads"
 
 
 class LinearHead(nn.Module):
@@ -74,9 +79,15 @@ class StageHeads(nn.Module):
         return {stage: head(features[stage]) for stage, head in self.heads.items()}
 
 
-def summed_loss(logits: Mapping[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy summed over the stages (each head gets its own gradient)."""
-    return torch.stack([F.cross_entropy(out, labels) for out in logits.values()]).sum()
+def stage_losses(
+    logits: Mapping[str, torch.Tensor], labels: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """Each stage's cross-entropy as ``loss_<stage>``, and their sum as ``loss``.
+
+    The sum is what is back-propagated: each head gets its own gradient from it.
+    """
+    losses = {f"loss_{stage}": F.cross_entropy(out, labels) for stage, out in logits.items()}
+    return {"loss": torch.stack(list(losses.values())).sum(), **losses}
 
 
 def topk_accuracy(
@@ -104,6 +115,7 @@ def train_heads(
     batch_norm: bool = True,
     seed: int = 0,
     report: bool = True,
+    train_log: TrainLog | None = None,
 ) -> StageHeads:
     """Trains one linear classifier per stage on cached features, all in one pass.
 
@@ -124,13 +136,18 @@ def train_heads(
         batch_norm: Standardise the features in each head.
         seed: Seed of the initialisation and the sample order.
         report: Whether this process reports progress.
+        train_log: Where each epoch's mean losses go, if anywhere.
 
     Returns:
         The trained heads, in eval mode, on the features' device.
+
+    Raises:
+        UsageError: Fewer than two training samples.
+        NonFiniteLossError: A stage's loss became NaN or infinite (checked every epoch).
     """
     count = labels.shape[0]
     if count < 2:
-        raise ValueError(f"{count} training samples: a linear probe needs at least 2")
+        raise UsageError(f"{count} training samples: a linear probe needs at least 2")
     device = labels.device
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -143,22 +160,28 @@ def train_heads(
     batch = min(batch_size, count)
     steps_per_epoch = count // batch
     schedule = warmup_cosine(lr, epochs * steps_per_epoch, 0)
+    finite = FiniteCheck(LOOP)
+    interval = IntervalLog(LOOP, epochs * steps_per_epoch, train_log, report)
     step = 0
     with Progress(epochs, "linear probe", "epoch", logger, enabled=report) as progress:
         for _ in range(epochs):
             order = torch.randperm(count, generator=generator).to(device)
             for index in order[: steps_per_epoch * batch].view(steps_per_epoch, batch):
-                for group in optimizer.param_groups:
-                    group["lr"] = float(schedule[step])
-                loss = summed_loss(
+                set_lr(optimizer, float(schedule[step]))
+                losses = stage_losses(
                     heads({stage: tensor[index] for stage, tensor in features.items()}),
                     labels[index],
                 )
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                losses["loss"].backward()
                 optimizer.step()
                 step += 1
-            progress.update(1, loss=f"{loss.item():.3f}")
+                finite.submit(step, losses)
+                interval.add(losses, batch)
+            # One host read per epoch: the check and the epoch's record.
+            finite.check()
+            record = interval.write(step, float(schedule[step - 1]), progress)
+            progress.update(1, loss=f"{record['loss']:.3f}")
     return heads.eval()
 
 

@@ -41,6 +41,7 @@ from ladder_siam.runtime.metrics import push_job_metrics
 from ladder_siam.runtime.optim import scaled_lr
 from ladder_siam.runtime.per_image import PerImage, order_digest, write_per_image
 from ladder_siam.runtime.run_folder import metrics_uri, run_of
+from ladder_siam.runtime.train_log import TrainLog
 
 logger = logging.getLogger(__name__)
 
@@ -132,7 +133,7 @@ def run_fast(
         train_set.features, train_set.labels, num_classes, epochs=config.epochs,
         batch_size=config.batch_size, lr=scaled_lr(config.base_lr, config.batch_size),
         momentum=config.momentum, weight_decay=config.weight_decay,
-        batch_norm=config.batch_norm, seed=config.seed,
+        batch_norm=config.batch_norm, seed=config.seed, train_log=TrainLog(config.out, None),
     )  # fmt: skip
     results = evaluate_heads(heads, val_set.features, val_set.labels)
     for stage, result in results.items():

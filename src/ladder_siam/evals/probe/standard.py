@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
 
 from ladder_siam.data.manifest import SplitManifest
 from ladder_siam.data.shards import ShardDataset, make_loader
@@ -27,14 +26,18 @@ from ladder_siam.evals.probe.features import (
     extract_features,
     to_model_input,
 )
-from ladder_siam.evals.probe.heads import StageHeads, evaluate_heads, summed_loss
+from ladder_siam.evals.probe.heads import StageHeads, evaluate_heads, stage_losses
 from ladder_siam.runtime import resume
 from ladder_siam.runtime.distributed import DistributedEnv
+from ladder_siam.runtime.health import FiniteCheck
+from ladder_siam.runtime.loop import IntervalLog, set_lr, wrap_ddp
 from ladder_siam.runtime.optim import scaled_lr
 from ladder_siam.runtime.progress import Progress
 from ladder_siam.runtime.schedules import warmup_cosine
+from ladder_siam.runtime.train_log import TrainLog
 
 logger = logging.getLogger(__name__)
+LOOP = "standard linear probe"
 
 
 @dataclass
@@ -50,6 +53,7 @@ class StandardRun:
     lr: torch.Tensor
     total_steps: int
     inputs: dict[str, str]
+    train_log: TrainLog | None = None
     step: int = 0
 
 
@@ -61,7 +65,11 @@ def save_checkpoint(run: StandardRun) -> None:
 
 
 def train_one_epoch(
-    run: StandardRun, loader: torch.utils.data.DataLoader, progress: Progress
+    run: StandardRun,
+    loader: torch.utils.data.DataLoader,
+    finite: FiniteCheck,
+    interval: IntervalLog,
+    progress: Progress,
 ) -> None:
     """Steps through one epoch's batches (from the resumed position) until it or the run ends."""
     config, device = run.config, run.env.device
@@ -69,20 +77,22 @@ def train_one_epoch(
     for images, labels in loader:
         if run.step >= run.total_steps:
             return
-        for group in run.optimizer.param_groups:
-            group["lr"] = float(run.lr[run.step])
+        set_lr(run.optimizer, float(run.lr[run.step]))
         with torch.no_grad():
             features = run.backbone(to_model_input(images, device))
-        loss = summed_loss(run.step_heads(features), labels.to(device, non_blocking=True))
+        losses = stage_losses(run.step_heads(features), labels.to(device, non_blocking=True))
         run.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        losses["loss"].backward()
         run.optimizer.step()
         run.step += 1
+        finite.submit(run.step, losses)
+        interval.add(losses, config.batch_size)
         progress.update(1)
+        if run.step % config.log_every == 0 or run.step == run.total_steps:
+            finite.check()
+            interval.write(run.step, float(run.lr[run.step - 1]), progress)
         if run.step % config.checkpoint_every == 0 or run.step == run.total_steps:
-            # Reading the loss waits for the device, so only here, not on every step.
-            if run.env.is_main:
-                logger.info("step %d/%d loss %.4f", run.step, run.total_steps, loss.item())
+            finite.check()
             save_checkpoint(run)
 
 
@@ -98,7 +108,6 @@ def run_standard(
     Every rank evaluates the heads on the gathered validation features.
 
     Raises:
-        ValueError: The training split is smaller than one global batch.
         ResumeError: A checkpoint under ``config.out`` belongs to other settings or to
             another backbone.
     """
@@ -110,16 +119,11 @@ def run_standard(
     steps_per_epoch = dataset.batches_per_epoch
     schedule_steps = config.epochs * steps_per_epoch
     heads = StageHeads(backbone.channels, len(train.classes), config.batch_norm).to(env.device)
-    step_heads: torch.nn.Module = heads
-    if env.world_size > 1:
-        step_heads = DistributedDataParallel(
-            heads, device_ids=[env.device] if env.device.type == "cuda" else None
-        )
     optimizer = torch.optim.SGD(
         heads.parameters(), lr=0.0, momentum=config.momentum, weight_decay=config.weight_decay
     )
     run = StandardRun(
-        config=config, env=env, backbone=backbone, heads=heads, step_heads=step_heads,
+        config=config, env=env, backbone=backbone, heads=heads, step_heads=wrap_ddp(heads, env),
         optimizer=optimizer,
         lr=warmup_cosine(scaled_lr(config.base_lr, config.batch_size), schedule_steps, 0),
         total_steps=min(schedule_steps, config.max_steps or schedule_steps),
@@ -129,18 +133,21 @@ def run_standard(
     if resumed is not None:
         resume.restore(resumed, {"heads": heads, "optimizer": optimizer})
         run.step = resumed.step
+    run.train_log = TrainLog(config.out, resumed.step if resumed else None, env.is_main)
     if env.is_main:
         logger.info(
             "standard linear probe of %s on %d x %s: %d steps of %d images, %d per epoch",
             ",".join(backbone.stages), env.world_size, env.device.type, run.total_steps,
             config.batch_size, steps_per_epoch,
         )  # fmt: skip
+    finite = FiniteCheck(LOOP)
+    interval = IntervalLog(LOOP, run.total_steps, run.train_log, env.is_main)
     with Progress(run.total_steps, "linear probe", "step", logger, enabled=env.is_main) as progress:
         progress.update(run.step)
         while run.step < run.total_steps:
             dataset.set_epoch(run.step // steps_per_epoch, run.step % steps_per_epoch)
             loader = make_loader(dataset, config.workers, pin_memory=env.device.type == "cuda")
-            train_one_epoch(run, loader, progress)
+            train_one_epoch(run, loader, finite, interval, progress)
     transform = EvalTransform(config.image_size, config.resize_size)
     val_set = extract_features(
         backbone, val, transform, config.extract_batch_size, config.workers, env.device,

@@ -9,17 +9,24 @@ Cityscapes), and ``tiny``, a CPU-sized run on the demo scenes for ``make demo`` 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ladder_siam.nets.archs import ARCHS
-from ladder_siam.runtime.flags import add_config_flags, explicit_flags
+from ladder_siam.runtime.flags import add_config_flags
+from ladder_siam.runtime.step_config import (
+    PRECISIONS,
+    at_least,
+    between,
+    check,
+    from_preset,
+    one_of,
+    positive,
+    preset_and_overrides,
+    required,
+    step_checks,
+)
 
-if TYPE_CHECKING:
-    import torch
-
-PRECISIONS = ("fp32", "bf16")
 EVAL_MODES = ("whole", "slide")
 
 
@@ -66,62 +73,41 @@ class SegmentationConfig:
     checkpoint_every: int = 2000
     keep_checkpoints: int = 2
 
-    def autocast(self, device: torch.device) -> torch.autocast:
-        """The autocast context of ``precision`` on ``device`` (off for fp32)."""
-        import torch  # here, not above: the pipeline checks presets without torch
-
-        return torch.autocast(device.type, torch.bfloat16, enabled=self.precision == "bf16")
-
     def validate(self, world_size: int = 1) -> None:
-        """Raises ``ValueError`` naming the first bad setting."""
-        checks = [
-            (bool(self.backbone), "--backbone is required"),
-            (bool(self.train), "--train is required"),
-            (bool(self.val), "--val is required"),
-            (bool(self.out), "--out is required"),
-            (self.preset in PRESETS, f"--preset {self.preset!r}: one of {', '.join(PRESETS)}"),
-            (
-                self.arch is None or self.arch in ARCHS,
-                f"--arch {self.arch!r}: expected one of {', '.join(ARCHS)}",
-            ),
-            (self.iterations >= 1, f"--iterations {self.iterations}: at least 1"),
-            (
-                self.batch_size >= world_size and self.batch_size % world_size == 0,
-                f"--batch-size {self.batch_size}: must be a multiple of world size {world_size}",
-            ),
-            (self.crop_size >= 8, f"--crop-size {self.crop_size}: at least 8 px"),
+        """Raises ``UsageError`` naming the first bad setting."""
+        check([
+            *required(self, "backbone", "train", "val", "out"),
+            one_of(self, "preset", PRESETS),
+            one_of(self, "arch", ARCHS),
+            at_least(self, "iterations", 1),
+            *step_checks(self, world_size),
+            at_least(self, "crop_size", 8),
             (
                 len(self.scale) == 2 and min(self.scale) >= 1,
-                f"--scale {self.scale}: two positive sides (long,short)",
+                f"--scale {self.scale}: must be two positive sides (long,short)",
             ),
             (
                 len(self.ratio_range) == 2 and 0 < self.ratio_range[0] <= self.ratio_range[1],
-                f"--ratio-range {self.ratio_range}: 0 < low <= high",
+                f"--ratio-range {self.ratio_range}: must be 0 < low <= high",
             ),
-            (0 < self.cat_max_ratio <= 1, f"--cat-max-ratio {self.cat_max_ratio}: in (0, 1]"),
+            between(self, "cat_max_ratio", 0, 1, open_low=True),
             (0 <= self.min_lr < self.lr, f"--min-lr {self.min_lr}: must be in [0, --lr)"),
-            (self.power > 0, f"--power {self.power}: must be positive"),
-            (0 <= self.momentum < 1, f"--momentum {self.momentum}: in [0, 1)"),
-            (self.weight_decay >= 0, f"--weight-decay {self.weight_decay}: must be >= 0"),
-            (self.head_channels >= 1, f"--head-channels {self.head_channels}: at least 1"),
-            (self.aux_channels >= 0, f"--aux-channels {self.aux_channels}: >= 0 (0: no aux)"),
-            (self.aux_weight >= 0, f"--aux-weight {self.aux_weight}: must be >= 0"),
-            (0 <= self.dropout < 1, f"--dropout {self.dropout}: in [0, 1)"),
-            (self.eval_mode in EVAL_MODES, f"--eval-mode {self.eval_mode!r}: whole or slide"),
+            positive(self, "power"),
+            between(self, "momentum", 0, 1, open_high=True),
+            at_least(self, "weight_decay", 0),
+            at_least(self, "head_channels", 1),
+            at_least(self, "aux_channels", 0),
+            at_least(self, "aux_weight", 0),
+            between(self, "dropout", 0, 1, open_high=True),
+            one_of(self, "eval_mode", EVAL_MODES),
             (
                 0 < self.slide_stride <= self.slide_crop,
-                f"--slide-stride {self.slide_stride}: in 1..--slide-crop ({self.slide_crop})",
+                f"--slide-stride {self.slide_stride}: must be in 1..--slide-crop "
+                f"({self.slide_crop})",
             ),
-            (self.eval_batch_size >= 1, f"--eval-batch-size {self.eval_batch_size}: at least 1"),
-            (self.precision in PRECISIONS, f"--precision {self.precision!r}: fp32 or bf16"),
-            (self.workers >= 0, f"--workers {self.workers}: must be >= 0"),
-            (self.log_every >= 1, f"--log-every {self.log_every}: at least 1"),
-            (self.checkpoint_every >= 1, f"--checkpoint-every {self.checkpoint_every}: >= 1"),
-            (self.keep_checkpoints >= 1, f"--keep-checkpoints {self.keep_checkpoints}: >= 1"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
+            at_least(self, "eval_batch_size", 1),
+            one_of(self, "precision", PRECISIONS),
+        ])  # fmt: skip
 
 
 # Values each preset sets; the rest are the dataclass defaults (VOC's recipe).
@@ -204,27 +190,25 @@ def _pair(kind: type) -> Any:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per field; unset flags stay out of the namespace, so presets apply."""
     pairs = {"scale": _pair(int), "ratio_range": _pair(float)}
-    add_config_flags(parser, SegmentationConfig, HELP, parsers=pairs)
-
-
-def make_config(preset: str, **overrides: Any) -> SegmentationConfig:
-    """The configuration of a preset with some fields replaced (the Python counterpart of flags).
-
-    Raises:
-        ValueError: The preset is unknown.
-    """
-    if preset not in PRESETS:
-        raise ValueError(f"--preset {preset!r}: one of {', '.join(PRESETS)}")
-    return dataclasses.replace(
-        SegmentationConfig(), **{**PRESETS[preset], "preset": preset, **overrides}
+    add_config_flags(
+        parser, SegmentationConfig, HELP, parsers=pairs, choices={"preset": list(PRESETS)}
     )
 
 
-def config_from_args(args: argparse.Namespace) -> SegmentationConfig:
-    """Merges the defaults, the ``--preset`` values and explicit flags.
+def make_config(preset: str = SegmentationConfig.preset, **overrides: Any) -> SegmentationConfig:
+    """The ``preset``'s configuration with ``overrides`` applied on top.
 
     Raises:
-        ValueError: The preset is unknown.
+        UsageError: An unknown preset.
     """
-    values = explicit_flags(args, SegmentationConfig)
-    return make_config(values.pop("preset", SegmentationConfig.preset), **values)
+    return from_preset(SegmentationConfig, PRESETS, preset, preset=preset, **overrides)
+
+
+def config_from_args(args: argparse.Namespace) -> SegmentationConfig:
+    """Merges the defaults, the ``--preset`` and explicit flags.
+
+    Raises:
+        UsageError: An unknown preset.
+    """
+    preset, overrides = preset_and_overrides(args, SegmentationConfig, SegmentationConfig.preset)
+    return make_config(preset, **overrides)

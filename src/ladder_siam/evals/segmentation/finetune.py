@@ -20,14 +20,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import time
 from dataclasses import dataclass
 from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 from torchvision.models import ResNet
 
 from ladder_siam.data.manifest import (
@@ -37,6 +35,7 @@ from ladder_siam.data.manifest import (
     load_split,
 )
 from ladder_siam.data.shards import ShardDataset, make_loader
+from ladder_siam.errors import UsageError
 from ladder_siam.evals.segmentation.config import (
     SegmentationConfig,
     add_arguments,
@@ -50,6 +49,7 @@ from ladder_siam.io import storage
 from ladder_siam.nets.backbone_file import BackboneInfo, load_backbone
 from ladder_siam.runtime import distributed, resume
 from ladder_siam.runtime.health import FiniteCheck
+from ladder_siam.runtime.loop import IntervalLog, autocast, convert_sync_bn, set_lr, wrap_ddp
 from ladder_siam.runtime.metrics import push_job_metrics
 from ladder_siam.runtime.per_image import write_per_image
 from ladder_siam.runtime.progress import Progress
@@ -57,6 +57,7 @@ from ladder_siam.runtime.run_folder import metrics_uri, run_of
 from ladder_siam.runtime.train_log import TrainLog
 
 logger = logging.getLogger(__name__)
+LOOP = "segmentation finetune"
 
 
 @dataclass
@@ -105,78 +106,55 @@ def build_model(
         dilate_resnet(cast(ResNet, backbone), info.small_input), num_classes,
         config.head_channels, config.aux_channels, config.dropout, config.align_corners,
     )  # fmt: skip
-    # SyncBatchNorm runs on GPUs only; CPU (gloo) runs keep per-rank statistics.
-    if config.sync_bn and env.world_size > 1 and env.device.type == "cuda":
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if config.sync_bn:
+        model = convert_sync_bn(model, env)
     return model.to(env.device)
 
 
-def training_step(run: Finetune, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-    """One SGD iteration on a batch; returns the (detached) total loss."""
+def training_step(
+    run: Finetune, images: torch.Tensor, masks: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """One SGD iteration on a batch; returns its losses by name (detached, on the device)."""
     config, device = run.config, run.env.device
-    for group in run.optimizer.param_groups:
-        group["lr"] = float(run.lr[run.step])
-    with config.autocast(device):
+    set_lr(run.optimizer, float(run.lr[run.step]))
+    with autocast(device, config.precision):
         logits, aux_logits = run.step_model(normalize_images(images, device))
     masks = masks.to(device, non_blocking=True)
-    loss = segmentation_loss(logits, masks)
+    losses = {"loss_main": segmentation_loss(logits, masks)}
     if aux_logits is not None:
-        loss = loss + config.aux_weight * segmentation_loss(aux_logits, masks)
+        losses["loss_aux"] = segmentation_loss(aux_logits, masks)
+    loss = losses["loss_main"] + config.aux_weight * losses.get("loss_aux", 0.0)
     run.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     run.optimizer.step()
     run.step += 1
-    return loss.detach()
+    return {"loss": loss.detach(), **{name: value.detach() for name, value in losses.items()}}
 
 
 def train(run: Finetune, dataset: ShardDataset) -> None:
     """Runs the iterations left after the resumed step; the data position follows the step."""
     config, env = run.config, run.env
-    finite = FiniteCheck()
-    losses: list[torch.Tensor] = []
-    interval_start, crops = time.perf_counter(), 0
-    with Progress(
-        config.iterations, "segmentation finetune", unit="it", logger=logger, enabled=env.is_main
-    ) as progress:
+    finite = FiniteCheck(LOOP)
+    interval = IntervalLog(LOOP, config.iterations, run.train_log, env.is_main)
+    with Progress(config.iterations, LOOP, "it", logger, enabled=env.is_main) as progress:
         progress.update(run.step)
         while run.step < config.iterations:
             epoch, start_batch = divmod(run.step, dataset.batches_per_epoch)
             dataset.set_epoch(epoch, start_batch)
             loader = make_loader(dataset, config.workers, pin_memory=env.device.type == "cuda")
             for images, masks in loader:
-                loss = training_step(run, images, masks)
-                finite.submit(run.step, {"total": loss})
-                losses.append(loss)
-                crops += images.shape[0] * env.world_size
+                losses = training_step(run, images, masks)
+                finite.submit(run.step, losses)
+                interval.add(losses, images.shape[0] * env.world_size)
                 progress.update(1)
                 if run.step % config.log_every == 0 or run.step == config.iterations:
                     finite.check()
-                    elapsed = time.perf_counter() - interval_start
-                    _log(run, float(torch.stack(losses).mean()), crops / elapsed, progress)
-                    losses, interval_start, crops = [], time.perf_counter(), 0
+                    interval.write(run.step, float(run.lr[run.step - 1]), progress)
                 if run.step % config.checkpoint_every == 0 or run.step == config.iterations:
                     finite.check()
                     save_checkpoint(run)
                 if run.step == config.iterations:
                     break
-
-
-def _log(run: Finetune, loss: float, rate: float, progress: Progress) -> None:
-    if not run.env.is_main:
-        return
-    record = {
-        "step": run.step,
-        "lr": float(run.lr[run.step - 1]),
-        "loss": loss,
-        "images_per_second": rate,
-        "time": time.time(),
-    }
-    run.train_log.append(record)
-    if not progress.has_bar:
-        logger.info(
-            "iteration %d/%d loss %.4f lr %.3g %.1f crops/s",
-            run.step, run.config.iterations, loss, record["lr"], rate,
-        )  # fmt: skip
 
 
 def save_checkpoint(run: Finetune) -> None:
@@ -217,7 +195,7 @@ def finetune_segmentation(config: SegmentationConfig) -> dict[str, Any]:
         The content of ``metrics.json``.
 
     Raises:
-        ValueError: A bad setting, shards of another layout (``ManifestError``), a backbone
+        UsageError: A bad setting, shards of another layout (``ManifestError``), a backbone
             that is missing, not a ResNet or not ``config.arch``, or a checkpoint of other
             settings or another backbone; all before training.
         NonFiniteLossError: The loss became NaN or infinite.
@@ -237,7 +215,7 @@ def _run(config: SegmentationConfig, env: distributed.DistributedEnv) -> dict[st
         backbone, info = load_backbone(config.backbone, config.arch)
         inputs = {"backbone": resume.fingerprint(config.backbone)}
     except FileNotFoundError as error:
-        raise ValueError(f"--backbone {config.backbone}: no such file") from error
+        raise UsageError(f"--backbone {config.backbone}: no such file") from error
     transform = SegmentationTrainTransform(
         config.crop_size, config.scale, config.ratio_range, config.cat_max_ratio
     )
@@ -246,11 +224,6 @@ def _run(config: SegmentationConfig, env: distributed.DistributedEnv) -> dict[st
         seed=config.seed, buffer_size=config.buffer_size,
     )  # fmt: skip
     model = build_model(config, backbone, info, len(train_split.classes), env)
-    step_model: nn.Module = model
-    if env.world_size > 1:
-        step_model = DistributedDataParallel(
-            model, device_ids=[env.device] if env.device.type == "cuda" else None
-        )
     # mmseg's SGD: one group, weight decay on every parameter.
     optimizer = torch.optim.SGD(
         model.parameters(), lr=config.lr, momentum=config.momentum,
@@ -260,7 +233,7 @@ def _run(config: SegmentationConfig, env: distributed.DistributedEnv) -> dict[st
     if resumed is not None:
         resume.restore(resumed, {"model": model, "optimizer": optimizer})
     run = Finetune(
-        config=config, env=env, model=model, step_model=step_model, optimizer=optimizer,
+        config=config, env=env, model=model, step_model=wrap_ddp(model, env), optimizer=optimizer,
         lr=poly_lr(config.lr, config.min_lr, config.power, config.iterations),
         train_log=TrainLog(config.out, resumed.step if resumed else None, env.is_main),
         inputs=inputs, step=resumed.step if resumed else 0,

@@ -17,11 +17,13 @@ import torch
 
 from ladder_siam.data.manifest import SplitManifest
 from ladder_siam.data.splits import SplitReader, make_eval_loader
+from ladder_siam.errors import UsageError
 from ladder_siam.evals.segmentation.config import SegmentationConfig
 from ladder_siam.evals.segmentation.data import SegmentationEvalTransform, normalize_images
 from ladder_siam.evals.segmentation.miou import ConfusionMatrix, SegmentationScores
 from ladder_siam.evals.segmentation.model import FCN, slide_inference, whole_inference
 from ladder_siam.runtime.distributed import DistributedEnv
+from ladder_siam.runtime.loop import autocast
 from ladder_siam.runtime.per_image import PerImage, order_digest
 from ladder_siam.runtime.progress import Progress
 
@@ -61,7 +63,7 @@ def evaluate(
             each, in reading order), for a paired bootstrap between two backbones.
 
     Raises:
-        ValueError: The split has no labelled pixel, so no score is defined.
+        UsageError: The split has no labelled pixel, so no score is defined.
     """
     model.eval()
     num_classes = len(split.classes)
@@ -72,7 +74,7 @@ def evaluate(
     matrix = ConfusionMatrix(num_classes, device=env.device)
 
     def predict(images: torch.Tensor) -> torch.Tensor:
-        with config.autocast(env.device):
+        with autocast(env.device, config.precision):
             return model(images)[0].float()
 
     with Progress(None, "segmentation eval", unit="img", logger=logger, enabled=env.is_main) as bar:
@@ -96,7 +98,7 @@ def evaluate(
             bar.update(len(batch))
     matrix.all_reduce()
     if int(matrix.matrix.sum()) == 0:
-        raise ValueError(f"{split.location}: no labelled pixels to score")
+        raise UsageError(f"{split.location}: no labelled pixels to score")
     return matrix.scores(split.classes)
 
 
