@@ -21,11 +21,12 @@
 #   monitor         issue 14/19: the online monitor's cost on the ResNet-50 bf16 eager step,
 #                   BYOL and Ladder-BYOL, 100 steps holding one RankMe (about 2 min)
 #
-# Demo shards need pycocotools, which the GPU image lacks (it has prometheus-client, pyyaml,
-# tqdm). Fetch its wheel once into .whl/ (git-ignored) and name .whl in the run's carry:
+# Demo shards need pycocotools and pretraining writes backbone.safetensors, which the GPU image
+# lacks (it has prometheus-client, pyyaml, tqdm). Fetch their wheels once into .whl/
+# (git-ignored) and name .whl in the run's carry:
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
 #     --implementation cp --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-#     -d .whl pycocotools
+#     -d .whl pycocotools safetensors
 # The fmnist part reads Fashion-MNIST's IDX files (30 MB) from .fmnist/ (git-ignored; carry it):
 #   mkdir -p .fmnist && cp /usr/share/datasets/fashion-mnist/*.gz .fmnist/
 # A run: carry [".whl", ".fmnist"], command `OUT=$OUT bash benchmarks/gpu_suite.sh e2e monitor`.

@@ -13,7 +13,7 @@ LAYERS = {
     "prep": 2, "pretrain": 2, "evals": 2,
     "report": 3,
     "kube": 4,
-    "cli": 5, "artifacts": 5,
+    "cli": 5, "artifacts": 5, "export": 5,
     "components": 6,
     "pipelines": 7,
 }  # fmt: skip

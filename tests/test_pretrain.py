@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
 from prometheus_servers import prometheus_server, wait_for_query
 from system_tools import free_port, require_tool
@@ -55,6 +56,9 @@ def test_tiny_run_learns_and_exports_a_torchvision_backbone(shards: str, tmp_pat
     state = torch.load(uri, weights_only=True)
     torchvision_resnet("resnet18", small_input=True).load_state_dict(state)
     assert [step for step, _ in list_checkpoints(str(tmp_path))] == [12, 16, 20]
+    # Beside it, the same tensors without pickle, for frameworks that load only safetensors.
+    safe = safetensors.torch.load_file(tmp_path / "backbone.safetensors")
+    assert safe.keys() == state.keys() and all(torch.equal(safe[k], state[k]) for k in state)
 
 
 @pytest.mark.slow

@@ -54,6 +54,7 @@ COMMANDS = {
         "render the PyTorchJob or TrainJob of a run as YAML, for review or GitOps",
     ),
     "artifacts": ("ladder_siam.artifacts", "list or download a run's outputs"),
+    "export": ("ladder_siam.export", "convert a backbone.pt for safetensors, Detectron2 or timm"),
 }
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 from ladder_siam.errors import UsageError
 from ladder_siam.pretrain.config import PretrainConfig
+from ladder_siam.runtime.tracking import FORWARDED_VARIABLES
 
 # The job kinds a run can be launched as: the training operator's PyTorchJob (kubeflow.org/v1)
 # or Kubeflow Trainer v2's TrainJob (trainer.kubeflow.org/v1alpha1).
@@ -91,6 +92,10 @@ class LaunchConfig:
         pending_timeout_minutes: Minutes the launcher lets the job wait without all its pods
             running (unschedulable, image not pulled, over quota) before it deletes the job and
             fails with the reason; 0 waits forever.
+        tracking_env: The MLflow variables the training container gets, the launcher's own
+            (``runtime.tracking.forwarded_env``): only the non-secret ones named in
+            ``FORWARDED_VARIABLES``, since a manifest is no place for a credential; a tracking
+            token or password must reach the pods from a Secret.
     """
 
     name: str
@@ -122,6 +127,7 @@ class LaunchConfig:
     active_deadline_seconds: int | None = None
     ttl_seconds_after_finished: int = 7 * 24 * 3600
     pending_timeout_minutes: float = 60.0
+    tracking_env: dict[str, str] = field(default_factory=dict)
 
     def validate(self) -> None:
         """Raises ValueError naming the first invalid setting."""
@@ -185,6 +191,11 @@ class LaunchConfig:
             self.pending_timeout_minutes >= 0,
             f"pending_timeout_minutes {self.pending_timeout_minutes}: 0 (no limit) or more",
         )
+        for name in self.tracking_env:
+            _check(
+                name in FORWARDED_VARIABLES,
+                f"tracking_env {name}: only {', '.join(FORWARDED_VARIABLES)} (no credentials)",
+            )
         port = self.pretrain.metrics_port
         _check(port is None or 1 <= port <= 65535, f"metrics_port {port}: 1..65535 or None")
 

@@ -83,6 +83,14 @@ def credential_env(secret: str) -> list[dict[str, Any]]:
     ]
 
 
+def tracking_env(config: LaunchConfig) -> list[dict[str, Any]]:
+    """The MLflow variables of ``config.tracking_env`` as container ``env`` entries.
+
+    Plain values: the launcher forwards only non-secret variables (see ``LaunchConfig``).
+    """
+    return [{"name": name, "value": value} for name, value in sorted(config.tracking_env.items())]
+
+
 def placement(config: LaunchConfig) -> dict[str, Any]:
     """The pod-spec fields that place a run's pods on nodes and give them an identity."""
     spec: dict[str, Any] = {}
@@ -112,6 +120,8 @@ def pod_template(config: LaunchConfig, container_name: str) -> dict[str, Any]:
         ]
     if config.s3_secret is not None:
         container["envFrom"] = [{"secretRef": {"name": config.s3_secret}}]
+    if config.tracking_env:
+        container["env"] = tracking_env(config)
     spec: dict[str, Any] = {
         "containers": [container],
         "volumes": volumes(config.shm_size, config.tmp_size),

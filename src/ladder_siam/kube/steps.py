@@ -26,6 +26,7 @@ from ladder_siam.kube.inputs import PipelineInputs, RunPlan, plan_run, run_name
 from ladder_siam.kube.launch_config import LaunchConfig
 from ladder_siam.runtime.metrics import push_job_metrics
 from ladder_siam.runtime.run_folder import RunFolder
+from ladder_siam.runtime.tracking import forwarded_env
 from ladder_siam.runtime.typed_config import config_from_dict
 
 logger = logging.getLogger(__name__)
@@ -152,7 +153,10 @@ def pretrain(
     from ladder_siam.kube import launch as launcher
     from ladder_siam.runtime.train_log import read_train_log
 
-    config = dataclasses.replace(launch_config_from_json(launch), owner=kfp_run_id)
+    # The step's MLflow run (when KFP tracks runs there) becomes the training run's parent.
+    config = dataclasses.replace(
+        launch_config_from_json(launch), owner=kfp_run_id, tracking_env=forwarded_env()
+    )
     run = RunFolder(config.pretrain.out)
     logger.info(
         "pretraining on %s -> %s (%s backend)", dataset.metadata.get("uri"), run.uri, backend

@@ -1,11 +1,11 @@
 """The Kubeflow Trainer v2 TrainJob (``trainer.kubeflow.org/v1alpha1``) of a pretraining run.
 
 A TrainJob names a TrainingRuntime and says only what differs per run: image, command, nodes,
-GPUs and resources per node, credentials, labels and placement. The hardened pod template
-(security contexts, ``/tmp`` and ``/dev/shm``, Istio off, the metrics port, restarts) lives in
-the runtime that ``k8s/trainer`` ships, one per gang scheduler: ``ladder-siam`` for the
-default scheduler, ``ladder-siam-volcano`` and ``ladder-siam-scheduler-plugins`` with a
-PodGroup policy that starts all nodes together or none.
+GPUs and resources per node, credentials, MLflow variables, labels and placement. The hardened
+pod template (security contexts, ``/tmp`` and ``/dev/shm``, Istio off, the metrics port,
+restarts) lives in the runtime that ``k8s/trainer`` ships, one per gang scheduler:
+``ladder-siam`` for the default scheduler, ``ladder-siam-volcano`` and
+``ladder-siam-scheduler-plugins`` with a PodGroup policy that starts all nodes together or none.
 
 Per-run pod settings travel as a ``runtimePatches`` entry, the Trainer v2.3 way to patch the
 runtime's pod template from a job; pods are labelled like a PyTorchJob's, so dashboards,
@@ -18,7 +18,7 @@ from typing import Any
 
 from ladder_siam.errors import UsageError
 from ladder_siam.kube.launch_config import LaunchConfig
-from ladder_siam.kube.pod import credential_env, placement, resources
+from ladder_siam.kube.pod import credential_env, placement, resources, tracking_env
 
 GROUP = "trainer.kubeflow.org"
 API_VERSION = f"{GROUP}/v1alpha1"
@@ -63,8 +63,10 @@ def build_trainjob(config: LaunchConfig) -> dict[str, Any]:
         "numProcPerNode": config.gpus_per_node,
         "resourcesPerNode": resources(config),
     }
-    if config.s3_secret is not None:
-        trainer["env"] = credential_env(config.s3_secret)
+    credentials = credential_env(config.s3_secret) if config.s3_secret is not None else []
+    env = credentials + tracking_env(config)
+    if env:
+        trainer["env"] = env
     pod = {"metadata": {"labels": config.labels()}, "spec": placement(config)}
     patch = {
         "manager": PATCH_MANAGER,

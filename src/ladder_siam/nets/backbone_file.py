@@ -98,7 +98,9 @@ def load_backbone(uri: str, arch: str | None = None) -> tuple[nn.Module, Backbon
             io.BytesIO(storage.read_bytes(uri)), map_location="cpu", weights_only=True
         )
     except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as error:
-        raise UsageError(f"{uri}: not a loadable state_dict: {error}") from error
+        # torch's unpickling errors run to several lines of advice; the first says what failed.
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UsageError(f"{uri}: not a loadable state_dict: {reason}") from error
     if not isinstance(state, dict):
         raise UsageError(f"{uri}: expected a state_dict, found {type(state).__name__}")
     info = describe(state, uri)

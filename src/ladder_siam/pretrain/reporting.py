@@ -4,7 +4,9 @@ Each step's losses and collapse signals are named by :func:`interval_metrics`; e
 ``log_every`` steps the loop averages them over the interval and the online monitor
 (``pretrain/monitor.py``) hands over its reading. :func:`interval_record` makes them one
 ``train_log.jsonl`` record; :class:`IntervalReporter` sets the Prometheus
-gauges on every rank, checks for collapse, and on rank 0 appends the record and logs a line.
+gauges on every rank, checks for collapse, and on rank 0 appends the record, logs a line and,
+inside a Kubeflow TrainJob that asks for it, reports progress into its status, and with
+``MLFLOW_TRACKING_URI`` set logs the record to MLflow.
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ from ladder_siam.pretrain.monitor import MonitorReading
 from ladder_siam.runtime.health import CollapseMonitor
 from ladder_siam.runtime.metrics import TrainingMetrics
 from ladder_siam.runtime.progress import Progress
+from ladder_siam.runtime.tracking import TrackedRun
 from ladder_siam.runtime.train_log import TrainLog
+from ladder_siam.runtime.trainer_status import TrainerStatus, status_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +83,8 @@ class IntervalReporter:
         collapse: The collapse check on the output std.
         total_steps: Steps of the whole run, for the log line.
         is_main: Whether this is rank 0, the one that writes and logs.
+        status: The TrainJob's status reporter (rank 0, when the Trainer gives one).
+        tracker: The MLflow run (rank 0, when ``MLFLOW_TRACKING_URI`` is set).
     """
 
     metrics: TrainingMetrics
@@ -86,6 +92,8 @@ class IntervalReporter:
     collapse: CollapseMonitor
     total_steps: int
     is_main: bool
+    status: TrainerStatus | None = None
+    tracker: TrackedRun | None = None
 
     def report(
         self,
@@ -110,6 +118,10 @@ class IntervalReporter:
         if not self.is_main:
             return
         self.train_log.append(record)
+        if self.status is not None:
+            self.status.update(record["step"], self.total_steps, status_metrics(record))
+        if self.tracker is not None:
+            self.tracker.log_record(record)
         if progress.has_bar:
             return
         logger.info(
@@ -128,3 +140,18 @@ class IntervalReporter:
                 if reading.rankme
                 else "",
             )
+
+    def finish(self, completed: bool) -> None:
+        """Ends the TrainJob status and the MLflow run, as training ``completed`` or raised.
+
+        The status gets a final 100 % only for a completed run; the MLflow run ends FINISHED
+        or FAILED.
+        """
+        if self.tracker is not None:
+            self.tracker.end(failed=not completed)
+        if self.status is None:
+            return
+        if completed:
+            self.status.finish(self.total_steps, {})
+        else:
+            self.status.close()

@@ -19,7 +19,7 @@ import itertools
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -27,15 +27,17 @@ from torch import nn
 
 from ladder_siam.data.labeled import has_labels
 from ladder_siam.data.manifest import SplitManifest, load_split
-from ladder_siam.data.shards import make_loader
+from ladder_siam.data.shards import ShardDataset, make_loader
 from ladder_siam.errors import UsageError
 from ladder_siam.io import storage
+from ladder_siam.nets import formats
+from ladder_siam.nets.backbone_file import BackboneInfo
 from ladder_siam.pretrain.config import PretrainConfig, add_arguments, config_from_args
 from ladder_siam.pretrain.model import LadderOutput, LadderSiam
 from ladder_siam.pretrain.monitor import OnlineMonitor, build_monitor
 from ladder_siam.pretrain.reporting import IntervalReporter, interval_metrics, interval_record
 from ladder_siam.pretrain.views import augmented_views, build_augment, build_dataset
-from ladder_siam.runtime import distributed, resume
+from ladder_siam.runtime import distributed, resume, tracking
 from ladder_siam.runtime.health import CollapseMonitor, FiniteCheck, NonFiniteLossError
 from ladder_siam.runtime.loop import (
     IntervalMeans,
@@ -51,6 +53,7 @@ from ladder_siam.runtime.progress import Progress
 from ladder_siam.runtime.run_folder import RunFolder
 from ladder_siam.runtime.schedules import ema_tau, warmup_cosine
 from ladder_siam.runtime.train_log import TrainLog
+from ladder_siam.runtime.trainer_status import TrainerStatus
 
 logger = logging.getLogger(__name__)
 LOOP = "pretraining"
@@ -240,13 +243,20 @@ def save_checkpoint(trainer: Trainer) -> None:
 
 
 def export_backbone(trainer: Trainer) -> str:
-    """Writes ``backbone.pt`` (torchvision state_dict) and ``backbone.json`` (its arch)."""
+    """Writes ``backbone.pt``, ``backbone.safetensors`` and ``backbone.json``.
+
+    The first is a torchvision state_dict, the second the same tensors without pickle, the
+    third the backbone's arch, method, seed and step.
+    """
     config = trainer.config
     run = RunFolder(config.out)
     uri = run.backbone
     if trainer.env.is_main:
+        state = trainer.model.backbone_state_dict()
         with storage.atomic_write(uri) as stream:
-            torch.save(trainer.model.backbone_state_dict(), stream)
+            torch.save(state, stream)
+        info = BackboneInfo(arch=config.arch, small_input=config.small_input)
+        storage.write_bytes(run.backbone_safetensors, formats.safetensors_bytes(state, info))
         description = {
             "arch": config.arch,
             "small_input": config.small_input,
@@ -295,8 +305,26 @@ def _run(config: PretrainConfig, env: distributed.DistributedEnv) -> str:
     finite = FiniteCheck(LOOP, total="total")
     collapse = CollapseMonitor(config.collapse_threshold, config.collapse_patience)
     reporter = IntervalReporter(
-        trainer.metrics, trainer.train_log, collapse, trainer.total_steps, env.is_main
-    )
+        trainer.metrics, trainer.train_log, collapse, trainer.total_steps, env.is_main,
+        status=TrainerStatus.from_env() if env.is_main else None,
+        tracker=tracking.start_run(f"pretrain {config.method} s{config.seed}", asdict(config))
+        if env.is_main
+        else None,
+    )  # fmt: skip
+    completed = False
+    try:
+        train(trainer, dataset, finite, reporter)
+        completed = True
+    finally:
+        reporter.finish(completed)
+    return export_backbone(trainer)
+
+
+def train(
+    trainer: Trainer, dataset: ShardDataset, finite: FiniteCheck, reporter: IntervalReporter
+) -> None:
+    """Runs the epochs from the resumed step to the end, one loader per epoch."""
+    config, env, steps_per_epoch = trainer.config, trainer.env, trainer.steps_per_epoch
     with Progress(
         trainer.total_steps, "pretrain", unit="step", logger=logger, enabled=env.is_main
     ) as progress:
@@ -312,7 +340,6 @@ def _run(config: PretrainConfig, env: distributed.DistributedEnv) -> str:
                 for level in error.values:
                     trainer.metrics.record_nonfinite(level)
                 raise
-    return export_backbone(trainer)
 
 
 def build_trainer(

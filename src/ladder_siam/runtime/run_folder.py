@@ -9,6 +9,7 @@ own (what ``ladder-siam pretrain --out`` writes)::
         arms.json                                 the arms' names, in the run's order
         arms/<method>-s<seed>/                    one arm:
             backbone.pt, backbone.json            the exported online backbone and its arch
+            backbone.safetensors                  the same tensors, loadable without pickle
             train_log.jsonl                       one line per logging interval
             checkpoints/step-000123.pt            atomic; the newest that loads is resumed
             eval/<evaluation>/metrics.json        with the evaluation's own log and checkpoints
@@ -31,6 +32,7 @@ ARMS = "arms"
 ARMS_ORDER = "arms.json"
 BACKBONE = "backbone.pt"
 BACKBONE_INFO = "backbone.json"
+BACKBONE_SAFETENSORS = "backbone.safetensors"
 TRAIN_LOG = "train_log.jsonl"
 CHECKPOINTS = "checkpoints"
 EVAL = "eval"
@@ -86,6 +88,11 @@ class RunFolder:
     def backbone(self) -> str:
         """The exported backbone, a torchvision ResNet state_dict."""
         return storage.join(self.uri, BACKBONE)
+
+    @property
+    def backbone_safetensors(self) -> str:
+        """``backbone.safetensors``: the backbone's tensors, for frameworks that avoid pickle."""
+        return storage.join(self.uri, BACKBONE_SAFETENSORS)
 
     @property
     def backbone_info(self) -> str:

@@ -43,7 +43,7 @@ from ladder_siam.evals.detection.data import TrainTransform, collate_lists, eval
 from ladder_siam.evals.detection.model import build_mask_rcnn, param_groups
 from ladder_siam.io import storage
 from ladder_siam.nets.backbone_file import load_backbone
-from ladder_siam.runtime import distributed, resume
+from ladder_siam.runtime import distributed, resume, tracking
 from ladder_siam.runtime.health import FiniteCheck
 from ladder_siam.runtime.loop import (
     IntervalLog,
@@ -146,6 +146,7 @@ def _run(config: DetectionConfig, env: distributed.DistributedEnv) -> dict[str, 
             {f"detection_{k.lower()}_ratio": v / 100 for k, v in metrics["scalars"].items()},
             run=run_of(config.out),
         )
+        tracking.log_scalars("finetune-detection", metrics["scalars"], dataclasses.asdict(config))
         logger.info("detection metrics written to %s", uri)
     return metrics
 

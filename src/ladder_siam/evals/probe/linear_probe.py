@@ -36,7 +36,7 @@ from ladder_siam.evals.probe.knn import knn_correct
 from ladder_siam.evals.probe.standard import run_standard
 from ladder_siam.io import storage
 from ladder_siam.nets.backbone_file import BackboneInfo, load_backbone
-from ladder_siam.runtime import distributed, resume
+from ladder_siam.runtime import distributed, resume, tracking
 from ladder_siam.runtime.metrics import push_job_metrics
 from ladder_siam.runtime.optim import scaled_lr
 from ladder_siam.runtime.per_image import PerImage, order_digest, write_per_image
@@ -249,6 +249,7 @@ def linear_probe(config: ProbeConfig) -> dict[str, Any]:
             {f"{name}_ratio": value / 100 for name, value in metrics["scalars"].items()},
             run=run_of(config.out),
         )
+        tracking.log_scalars("linear-probe", metrics["scalars"], dataclasses.asdict(config))
         logger.info(
             "linear probe: %s",
             " ".join(f"{stage} {r['top1']:.2f}%" for stage, r in results.items()),

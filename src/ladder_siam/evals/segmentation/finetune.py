@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, cast
 
 import torch
@@ -47,7 +47,7 @@ from ladder_siam.evals.segmentation.model import FCN, dilate_resnet
 from ladder_siam.evals.segmentation.scoring import evaluate, per_image_counts
 from ladder_siam.io import storage
 from ladder_siam.nets.backbone_file import BackboneInfo, load_backbone
-from ladder_siam.runtime import distributed, resume
+from ladder_siam.runtime import distributed, resume, tracking
 from ladder_siam.runtime.health import FiniteCheck
 from ladder_siam.runtime.loop import IntervalLog, autocast, convert_sync_bn, set_lr, wrap_ddp
 from ladder_siam.runtime.metrics import push_job_metrics
@@ -269,6 +269,7 @@ def _run(config: SegmentationConfig, env: distributed.DistributedEnv) -> dict[st
             run=run_of(config.out),
             grouping={"preset": config.preset, "arch": info.arch},
         )
+        tracking.log_scalars("finetune-segmentation", metrics["scalars"], asdict(config))
     return metrics
 
 
