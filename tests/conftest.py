@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from system_tools import free_port, require_tool, wait_for_port
@@ -17,7 +19,8 @@ from ladder_siam.prep.prepare_shards import prepare_shards
 @pytest.fixture(scope="session")
 def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """moto's standalone S3 server on loopback: real HTTP, real boto3, fake credentials."""
-    server = require_tool("moto_server")
+    # The dev extra installs it beside this interpreter; PATH need not include the venv.
+    server = require_tool(str(Path(sys.executable).parent / "moto_server"))
     port = free_port()
     log = tmp_path_factory.mktemp("moto") / "moto.log"
     with log.open("wb") as log_file:

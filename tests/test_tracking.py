@@ -36,7 +36,8 @@ LEVELS = ("res2", "res3", "res4", "res5")
 @pytest.fixture(scope="module")
 def tracking_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """One ``mlflow server`` (sqlite store) for the module; it takes 10-30 s to start."""
-    server = require_tool("mlflow")
+    # The dev extra installs it beside this interpreter; PATH need not include the venv.
+    server = require_tool(str(Path(sys.executable).parent / "mlflow"))
     root = tmp_path_factory.mktemp("mlflow")
     port = free_port()
     with (root / "server.log").open("wb") as log:
