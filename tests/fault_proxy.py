@@ -2,7 +2,8 @@
 
 Point boto3 at the proxy's URL: requests pass through to moto unchanged, except those that a
 :class:`Fault` matches (by method, a substring of the path, and how many times), which get an
-error status with an S3 error body, a connection reset after part of the body, or a stall.
+error status with an S3 error body, a connection reset after part of the body, a stall, or
+a test's action run just before the request is forwarded.
 Every request is recorded, so a test can also assert what was retried.
 """
 
@@ -13,7 +14,7 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -30,13 +31,15 @@ class Fault:
 
     Attributes:
         kind: ``status`` (answer ``status`` with an S3 error ``code``), ``reset`` (forward,
-            then reset the connection after ``after_bytes`` of the body) or ``stall``.
+            then reset the connection after ``after_bytes`` of the body), ``stall``, or
+            ``before`` (run ``action``, then forward: the object changes under the request).
         match: A substring of the request path (``/bucket/key``); empty matches every path.
         method: The HTTP method it applies to.
         times: How many matching requests fail; -1 for all of them.
         status: The HTTP status of a ``status`` fault.
         code: The S3 error code in its body (``AccessDenied``, ``SlowDown``...).
         after_bytes: Body bytes a ``reset`` fault lets through.
+        action: What a ``before`` fault runs.
     """
 
     kind: str
@@ -46,6 +49,7 @@ class Fault:
     status: int = 503
     code: str = "SlowDown"
     after_bytes: int = 0
+    action: Callable[[], None] | None = None
 
     def takes(self, method: str, path: str) -> bool:
         """Whether this request fails (and counts it against ``times``)."""
@@ -110,6 +114,8 @@ def fault_proxy(upstream: str) -> Iterator[FaultProxy]:
                 time.sleep(STALL_SECONDS)
                 self.close_connection = True
                 return
+            if fault is not None and fault.kind == "before" and fault.action is not None:
+                fault.action()
             upstream = http.client.HTTPConnection(*proxy.upstream, timeout=30)
             headers = {k: v for k, v in self.headers.items() if k.lower() != "transfer-encoding"}
             headers["Content-Length"] = str(len(body))

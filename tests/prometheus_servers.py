@@ -108,6 +108,14 @@ def scrape(metrics_url: str) -> list[Sample]:
     return [sample for family in text_string_to_metric_families(text) for sample in family.samples]
 
 
+def pushed_groups(pushgateway_url: str) -> list[dict[str, str]]:
+    """The grouping labels (``job`` included) of every group a Pushgateway holds."""
+    with urllib.request.urlopen(f"{pushgateway_url}/api/v1/metrics", timeout=10) as response:
+        body = json.load(response)
+    assert body["status"] == "success", body
+    return [group["labels"] for group in body["data"]]
+
+
 def sample_value(samples: Sequence[Sample], name: str, **labels: str) -> float | None:
     """The value of the sample called ``name`` whose labels include ``labels``, or None."""
     for sample in samples:

@@ -18,7 +18,7 @@ import threading
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, BinaryIO
 
-from ladder_siam.io.uri import S3_SCHEME, FileInfo, StorageError, split_s3
+from ladder_siam.io.uri import S3_SCHEME, FileInfo, ObjectChangedError, StorageError, split_s3
 
 if TYPE_CHECKING:
     from botocore.client import BaseClient
@@ -159,25 +159,49 @@ READ_RESUME_ATTEMPTS = 5
 
 
 class S3RangeReader(io.RawIOBase):
-    """A raw stream over one S3 object that re-opens broken connections at its offset."""
+    """A raw stream over one S3 object that re-opens broken connections at its offset.
 
-    def __init__(self, uri: str) -> None:
+    Args:
+        uri: The object.
+        etag: The ETag it was listed with; the read then fails with
+            :class:`ObjectChangedError` if the object is another version now.
+    """
+
+    def __init__(self, uri: str, etag: str | None = None) -> None:
         from botocore.exceptions import BotoCoreError, ClientError
 
         self.uri = uri
         self.bucket, self.key = split_s3(uri)
         self.offset = 0
+        pinned = {} if etag is None else {"IfMatch": f'"{etag}"'}
         try:
-            response = s3_client().get_object(Bucket=self.bucket, Key=self.key)
+            response = s3_client().get_object(Bucket=self.bucket, Key=self.key, **pinned)
         except ClientError as error:
             if not_found(error):
                 raise FileNotFoundError(f"{uri}: no such object") from error
+            if etag is not None and _client_error_code(error) in {"412", "PreconditionFailed"}:
+                raise ObjectChangedError.listed_as(uri, etag, self._current_etag()) from error
             raise StorageError(f"{uri}: {error}") from error
         except BotoCoreError as error:  # unreachable endpoint, after the retries
             raise StorageError(f"{uri}: {error}") from error
         self.length = int(response["ContentLength"])
         self.etag = response.get("ETag")
         self.body = response["Body"]
+        # Also checked by hand, for S3-compatible servers that ignore If-Match.
+        found = str(self.etag or "").strip('"')
+        if etag is not None and found != etag:
+            self.body.close()
+            raise ObjectChangedError.listed_as(uri, etag, found)
+
+    def _current_etag(self) -> str | None:
+        """The object's ETag now, for the error message; None when even that fails."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            head = s3_client().head_object(Bucket=self.bucket, Key=self.key)
+        except (ClientError, BotoCoreError):
+            return None
+        return str(head.get("ETag", "")).strip('"')
 
     def readable(self) -> bool:
         """Always readable."""

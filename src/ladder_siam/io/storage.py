@@ -29,6 +29,7 @@ from ladder_siam.io import s3
 from ladder_siam.io.s3 import s3_client, set_s3_endpoint
 from ladder_siam.io.uri import (
     FileInfo,
+    ObjectChangedError,
     StorageError,
     is_s3,
     join,
@@ -42,6 +43,7 @@ from ladder_siam.io.uri import (
 
 __all__ = [
     "FileInfo",
+    "ObjectChangedError",
     "ParallelWriter",
     "StorageError",
     "atomic_write",
@@ -180,18 +182,42 @@ def size(uri: str) -> int:
     return found
 
 
-def open_read(uri: str) -> BinaryIO:
+def open_read(uri: str, etag: str | None = None) -> BinaryIO:
     """Opens ``uri`` for a streaming, buffered binary read; nothing is downloaded up front.
 
     On S3 a connection that breaks mid-object is re-opened at the current offset with a
     ranged GET, so a days-long training run survives a flaky network.
 
+    Args:
+        uri: The file (object).
+        etag: The version tag :func:`list_files` gave it, to read that version only: S3
+            sends it as ``If-Match``; locally the open file's mtime must still be it.
+
     Raises:
         FileNotFoundError: Nothing exists at ``uri``.
+        ObjectChangedError: ``etag`` was given and ``uri`` holds another version now.
     """
-    if not is_s3(uri):
-        return _existing_file(uri).open("rb")
-    return io.BufferedReader(s3.S3RangeReader(uri), buffer_size=1024 * 1024)
+    if is_s3(uri):
+        return io.BufferedReader(s3.S3RangeReader(uri, etag), buffer_size=1024 * 1024)
+    stream = _existing_file(uri).open("rb")
+    if etag is not None:
+        try:
+            _require_local_version(uri, stream, etag)
+        except ObjectChangedError:
+            stream.close()
+            raise
+    return stream
+
+
+def _require_local_version(uri: str, stream: BinaryIO, etag: str) -> None:
+    """Checks that the open file still has the mtime that :func:`_list_local` recorded.
+
+    The open file's own status, not the path's: a file replaced by a rename after the open
+    still reads as the listed version, which is what was asked for.
+    """
+    found = str(os.fstat(stream.fileno()).st_mtime_ns)
+    if found != etag:
+        raise ObjectChangedError.listed_as(uri, etag, found)
 
 
 def sha256(uri: str) -> str:
@@ -204,10 +230,24 @@ def sha256(uri: str) -> str:
         return hashlib.file_digest(stream, "sha256").hexdigest()
 
 
-def read_bytes(uri: str) -> bytes:
-    """Reads the whole file (object) at ``uri``."""
-    with open_read(uri) as stream:
-        return stream.read()
+def read_bytes(uri: str, etag: str | None = None) -> bytes:
+    """Reads the whole file (object) at ``uri``.
+
+    Args:
+        uri: The file (object).
+        etag: The version tag :func:`list_files` gave it, to read that version only (see
+            :func:`open_read`). Locally it is checked again after the read, which catches
+            a file rewritten in place while it was read.
+
+    Raises:
+        FileNotFoundError: Nothing exists at ``uri``.
+        ObjectChangedError: ``etag`` was given and ``uri`` holds another version now.
+    """
+    with open_read(uri, etag) as stream:
+        data = stream.read()
+        if etag is not None and not is_s3(uri):
+            _require_local_version(uri, stream, etag)
+        return data
 
 
 def read_text(uri: str) -> str:

@@ -18,6 +18,24 @@ class StorageError(OSError):
     """An object-storage operation failed; the message names the URI."""
 
 
+class ObjectChangedError(StorageError):
+    """An object no longer is the version that was listed: it was overwritten since.
+
+    Not a bad input but a race with whoever writes the source, so it fails the step rather
+    than skipping the input; a rerun lists the source afresh.
+    """
+
+    @classmethod
+    def listed_as(cls, uri: str, listed: str, found: str | None) -> ObjectChangedError:
+        """The error for ``uri``, listed at version ``listed`` and now ``found`` (if known)."""
+        now = f'"{found}"' if found is not None else "another version"
+        # One message argument only: the error crosses process pools, which pickle it.
+        return cls(
+            f'{uri}: changed since it was listed (ETag "{listed}" -> {now}); '
+            "rerun to list it afresh"
+        )
+
+
 @dataclass(frozen=True)
 class FileInfo:
     """One listed object: its URI, size in bytes and version tag (S3 ETag or mtime)."""

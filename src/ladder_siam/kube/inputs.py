@@ -13,7 +13,6 @@ a run's dataset is never rewritten under it by a later run on newer data.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from dataclasses import dataclass, field
 from functools import partial
@@ -27,7 +26,7 @@ from ladder_siam.io.uri import SUPPORTED, scheme_problem
 from ladder_siam.kube.arms import NOT_NAME, arm_launch, job_name, method_problems, seeds_of
 from ladder_siam.kube.launch_config import BACKENDS as JOB_BACKENDS
 from ladder_siam.kube.launch_config import LaunchConfig
-from ladder_siam.prep.sources import LAYOUTS
+from ladder_siam.prep.sources import LAYOUTS, fingerprint_source
 from ladder_siam.pretrain.config import PretrainConfig, make_config, resolve_preset
 from ladder_siam.runtime.run_folder import DATASETS, RunFolder
 
@@ -133,26 +132,6 @@ def pod_namespace(requested: str) -> str:
     if _POD_NAMESPACE.is_file():
         return _POD_NAMESPACE.read_text().strip()
     raise UsageError("namespace: empty, and this is not a Kubernetes pod; name the namespace")
-
-
-def fingerprint_source(uri: str) -> tuple[str, int, int]:
-    """Hashes the listing of ``uri``: every relative key, size and ETag (mtime locally).
-
-    Returns:
-        The hex digest, the number of files and their total bytes.
-
-    Raises:
-        ValueError: ``uri`` holds no files.
-    """
-    digest = hashlib.sha256()
-    files = total = 0
-    prefix = uri.rstrip("/") + "/"
-    for info in storage.list_files(uri):
-        digest.update(f"{info.uri.removeprefix(prefix)}\0{info.size}\0{info.etag}\n".encode())
-        files, total = files + 1, total + info.size
-    if files == 0:
-        raise UsageError(f"{uri}: no files; is this the source dataset's folder?")
-    return digest.hexdigest(), files, total
 
 
 def validate(inputs: PipelineInputs, job_name: str) -> list[str]:

@@ -24,7 +24,7 @@ from ladder_siam.io import storage
 from ladder_siam.kube.arms import plan_arms as plan_arms_of
 from ladder_siam.kube.inputs import PipelineInputs, RunPlan, plan_run, run_name
 from ladder_siam.kube.launch_config import LaunchConfig
-from ladder_siam.runtime.metrics import push_job_metrics
+from ladder_siam.runtime.metrics import delete_run_groups, push_job_metrics
 from ladder_siam.runtime.run_folder import RunFolder
 from ladder_siam.runtime.tracking import forwarded_env
 from ladder_siam.runtime.typed_config import config_from_dict
@@ -86,8 +86,9 @@ def prepare_dataset(
         source: The source dataset's folder URI.
         layout: Its layout (imagefolder, coco, voc, flat).
         dest: The shards' folder URI.
-        fingerprint: The source listing's fingerprint; an input only so that KFP's cache
-            reuses this step exactly while the source is unchanged.
+        fingerprint: The source listing's fingerprint, which ``dest`` is named after: KFP's
+            cache reuses this step exactly while the source is unchanged, and the source must
+            still match it while its shards are written.
         shard_size: Inputs per shard.
         max_side: Down-scale larger images to this longer side; 0 keeps sizes.
         workers: Decoding processes.
@@ -96,7 +97,9 @@ def prepare_dataset(
     """
     from ladder_siam.prep.prepare_shards import prepare_shards
 
-    manifest = prepare_shards(source, dest, layout, shard_size, max_side or None, workers)
+    manifest = prepare_shards(
+        source, dest, layout, shard_size, max_side or None, workers, fingerprint=fingerprint
+    )
     storage.write_text(dataset.path, manifest.to_json())
     dataset.metadata.update(
         uri=dest, source=source, layout=layout, fingerprint=fingerprint,
@@ -274,7 +277,10 @@ def record_status(
     """The exit handler: writes ``<run>/pipeline_status.json`` and pushes the outcome.
 
     It runs whether the pipeline succeeded or failed, so the run folder always says how the
-    run ended, and ``ladder_siam_pipeline_succeeded`` alerts on a failed scheduled run.
+    run ended, and ``ladder_siam_pipeline_succeeded`` alerts on a failed scheduled run. Once
+    the outcome is pushed, the run's own groups (its evaluations', its report's) are deleted
+    from the Pushgateway, which would otherwise grow with every run; their numbers stay in
+    the run folder and, once scraped, in Prometheus.
     """
     name = run_name(requested_run_name, job_name)
     status = {
@@ -286,10 +292,12 @@ def record_status(
     )
     succeeded = state == "SUCCEEDED"
     # Per namespace, not per run: each run's outcome replaces the last, so that the failure
-    # alert clears when the next scheduled run succeeds.
-    push_job_metrics(
+    # alert clears when the next scheduled run succeeds. The run's groups go only once the
+    # outcome is recorded; a gateway that refused it has warned once already.
+    if push_job_metrics(
         "pipeline", {"pipeline_succeeded": float(succeeded)}, run=None, success=succeeded
-    )
+    ):
+        delete_run_groups(name)
     log = logger.info if succeeded else logger.error
     log("pipeline run %s ended %s%s", name, state, f": {error}" if error else "")
     return status

@@ -14,6 +14,10 @@ from ladder_siam.data.manifest import AnnotationChange, SkippedInput
 from ladder_siam.io import storage
 from ladder_siam.prep.images import IMAGE_EXTENSIONS
 
+# Joins an image's and its mask's version tags in one SourceItem.etag; neither an S3 ETag
+# (hex, "-<parts>") nor a local mtime (digits) contains it.
+ETAG_SEPARATOR = "+"
+
 
 @dataclass(frozen=True)
 class SourceItem:
@@ -22,7 +26,8 @@ class SourceItem:
     Attributes:
         image: URI of the encoded image.
         size: Its size in bytes, from the listing.
-        etag: Its version tag, so a changed file invalidates a resumed shard.
+        etag: Its version tag, so a changed file invalidates a resumed shard; with a mask,
+            the image's and the mask's joined by :data:`ETAG_SEPARATOR`.
         label: Class index (imagefolder).
         annotation: The validated COCO image record with its ``annotations`` (coco).
         mask: URI of the semantic mask PNG (voc).
@@ -34,6 +39,16 @@ class SourceItem:
     label: int | None = None
     annotation: dict[str, Any] | None = None
     mask: str | None = None
+
+    @property
+    def image_etag(self) -> str:
+        """The version tag the image was listed with."""
+        return self.etag.split(ETAG_SEPARATOR)[0]
+
+    @property
+    def mask_etag(self) -> str:
+        """The version tag the mask was listed with (voc)."""
+        return self.etag.split(ETAG_SEPARATOR)[1]
 
 
 @dataclass

@@ -48,7 +48,7 @@ from ladder_siam.prep.accounting import SplitOutcome
 from ladder_siam.prep.images import InvalidImageError
 from ladder_siam.prep.listing import SourceItem, SourceListing
 from ladder_siam.prep.samples import FIELDS, build_sample
-from ladder_siam.prep.sources import LAYOUTS, list_source
+from ladder_siam.prep.sources import LAYOUTS, list_source, require_fingerprint
 from ladder_siam.runtime.progress import Progress
 
 logger = logging.getLogger(__name__)
@@ -115,6 +115,7 @@ def prepare_shards(
     max_side: int | None = None,
     workers: int = 1,
     seed: int = 0,
+    fingerprint: str | None = None,
 ) -> DatasetManifest:
     """Writes one webdataset per split of ``source`` under ``dest``, with manifests.
 
@@ -126,12 +127,16 @@ def prepare_shards(
         max_side: Down-scale images whose longer side exceeds this; None keeps sizes.
         workers: Processes that decode and write shards in parallel.
         seed: Shuffle seed; the same inputs and seed give byte-identical shards.
+        fingerprint: The source's listing fingerprint that ``dest`` is named after (the
+            pipeline's); the source must still match it, before sharding and at the commit.
 
     Returns:
         The dataset manifest that was committed.
 
     Raises:
-        ValueError: A bad option or a source without inputs of this layout.
+        UsageError: A bad option or a source without inputs of this layout.
+        ObjectChangedError: A source object changed since it was listed, or since the
+            ``fingerprint`` was taken; nothing is committed, and a rerun lists afresh.
     """
     started = time.monotonic()
     if shard_size < 1:
@@ -143,6 +148,8 @@ def prepare_shards(
     for flag, uri in (("--source", source), ("--dest", dest)):
         if (problem := storage.scheme_problem(uri)) is not None:
             raise UsageError(f"{flag} {uri}: {problem}")
+    if fingerprint is not None:
+        require_fingerprint(source, fingerprint)
     listing = list_source(source, layout)
     category_index = {cat: i for i, cat in enumerate(listing.category_ids or [])}
     tasks: list[ShardTask] = []
@@ -193,6 +200,8 @@ def prepare_shards(
     processed = sum(len(task.items) for task in pending)
     written_rate = processed / max(time.monotonic() - start, 1e-9)
 
+    if fingerprint is not None:
+        require_fingerprint(source, fingerprint)
     manifest = _commit(dest, source, listing, outcomes, seed, max_side, shard_size)
     accounting.log_summary(outcomes, written_rate)
     written = Counter(task.split for task in pending)
@@ -411,6 +420,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     parser.add_argument("--workers", type=int, default=1, help="parallel worker processes")
     parser.add_argument("--seed", type=int, default=0, help="shuffle seed (same seed, same shards)")
+    parser.add_argument(
+        "--fingerprint",
+        help="fail unless the source still has this listing fingerprint (the pipeline names "
+        "the dataset folder after it), checked before sharding and before the commit",
+    )
     return parser
 
 
@@ -424,4 +438,5 @@ def main(args: argparse.Namespace) -> None:
         max_side=args.max_side,
         workers=args.workers,
         seed=args.seed,
+        fingerprint=args.fingerprint,
     )

@@ -41,6 +41,11 @@ def build_sample(
 ) -> Sample:
     """Reads, validates and converts one input.
 
+    Each file is read at the version this step's listing recorded, never a later one, so a
+    shard holds exactly what its receipt's fingerprint names: an object overwritten between
+    the listing and its read fails the step instead of entering a shard under the old
+    listing's name, and the rerun that KFP (or the user) starts lists the new version.
+
     Args:
         item: The listed input.
         key: The sample's key in its shard.
@@ -52,10 +57,12 @@ def build_sample(
 
     Raises:
         InvalidImageError: The input's content cannot be used; the reason says why.
+        ObjectChangedError: A file was overwritten since it was listed. Not a skip either:
+            the step fails, and a rerun lists the source afresh.
         OSError: The input could not be read. Not a skip: the shard and the step fail, so
             that a rerun, once storage answers again, includes the input.
     """
-    data = storage.read_bytes(item.image)
+    data = storage.read_bytes(item.image, etag=item.image_etag)
     if layout == "coco":
         assert item.annotation is not None
         record = item.annotation
@@ -65,7 +72,7 @@ def build_sample(
         return {"__key__": key, "jpg": image.jpeg, "json": json.dumps(instances)}
     if layout == "voc":
         assert item.mask is not None
-        mask = images.decode(storage.read_bytes(item.mask))
+        mask = images.decode(storage.read_bytes(item.mask, etag=item.mask_etag))
         if mask.mode not in ("P", "L"):
             raise InvalidImageError(
                 "bad-mask", f"{item.mask}: mode {mask.mode}, expected class indices"

@@ -19,11 +19,13 @@ silently lost; a file or folder that cannot be read fails the step, naming it.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Callable
 
 from ladder_siam.errors import UsageError
 from ladder_siam.io import storage
+from ladder_siam.io.uri import ObjectChangedError
 from ladder_siam.prep.coco import list_coco
 from ladder_siam.prep.folders import list_flat, list_imagefolder
 from ladder_siam.prep.listing import Files, SourceListing
@@ -80,3 +82,43 @@ def _check_names(source: str, listing: SourceListing) -> None:
                 f"{source}: class {name!r}: a class name has 1-200 characters and no '/', "
                 "'\\' or control characters"
             )
+
+
+def fingerprint_source(uri: str) -> tuple[str, int, int]:
+    """Hashes the listing of ``uri``: every relative key, size and ETag (mtime locally).
+
+    Returns:
+        The hex digest, the number of files and their total bytes.
+
+    Raises:
+        ValueError: ``uri`` holds no files.
+    """
+    digest = hashlib.sha256()
+    files = total = 0
+    prefix = uri.rstrip("/") + "/"
+    for info in storage.list_files(uri):
+        digest.update(f"{info.uri.removeprefix(prefix)}\0{info.size}\0{info.etag}\n".encode())
+        files, total = files + 1, total + info.size
+    if files == 0:
+        raise UsageError(f"{uri}: no files; is this the source dataset's folder?")
+    return digest.hexdigest(), files, total
+
+
+def require_fingerprint(uri: str, expected: str) -> None:
+    """Refuses a source whose listing is no longer the one fingerprinted as ``expected``.
+
+    The pipeline names a dataset's folder after the fingerprint its first step took; shards
+    written from a later listing would hold other data under that name. Checked before the
+    source is listed for sharding and again before the manifests are committed: with every
+    read pinned to the listed version (``storage.read_bytes(uri, etag=...)``), a dataset folder
+    then holds exactly what its fingerprint names.
+
+    Raises:
+        ObjectChangedError: The source's files, sizes or versions differ from the fingerprint's.
+    """
+    found = fingerprint_source(uri)[0]
+    if found != expected:
+        raise ObjectChangedError(
+            f"{uri}: changed since the run fingerprinted it ({expected[:12]} -> {found[:12]}); "
+            "rerun the pipeline to shard it into the new fingerprint's folder"
+        )

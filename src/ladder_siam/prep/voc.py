@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from ladder_siam.io import storage
 from ladder_siam.prep.annotation_files import AnnotationFileError, read_lines
-from ladder_siam.prep.listing import Files, SourceItem, SourceListing
+from ladder_siam.prep.listing import ETAG_SEPARATOR, Files, SourceItem, SourceListing
 
 LISTS = "ImageSets/Segmentation/"
 CLASSES_FILE = "classes.txt"
@@ -93,6 +93,6 @@ def _list_split(source: str, files: Files, uri: str, split: str, listing: Source
             listing.skip(split, missing, "missing-image", detail)
             continue
         # Both versions, so that a changed mask also invalidates a resumed shard.
-        etag = f"{image.etag}+{mask.etag}"
+        etag = f"{image.etag}{ETAG_SEPARATOR}{mask.etag}"
         item = SourceItem(image.uri, image.size + mask.size, etag, mask=mask.uri)
         listing.add(split, item)

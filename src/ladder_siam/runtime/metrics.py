@@ -5,7 +5,9 @@ bytes), counters end in ``_total``, and no scraped series carries a run id: runs
 apart by the pod labels that the PodMonitor adds, so series stay few however many runs there
 are. Pushed groups are the exception: a Pushgateway group is replaced by the next push with the
 same grouping key, so the key holds the namespace and the run, or two tenants' runs (or two
-runs of one tenant) would overwrite each other's results.
+runs of one tenant) would overwrite each other's results. A group stays until it is deleted, so
+the pipeline's exit handler deletes its run's groups (:func:`delete_run_groups`) once the
+outcome is recorded: what remains is one outcome group per namespace and one group per dataset.
 
 Each :class:`TrainingMetrics` owns its own registry instead of the process-wide default, so
 several instances (tests, a trainer and an evaluation in one process) never collide.
@@ -13,9 +15,12 @@ several instances (tests, a trainer and an evaluation in one process) never coll
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
+import urllib.parse
+import urllib.request
 from collections.abc import Iterable, Mapping
 from wsgiref.simple_server import WSGIServer
 
@@ -25,6 +30,7 @@ from prometheus_client import (
     Gauge,
     Histogram,
     Info,
+    delete_from_gateway,
     push_to_gateway,
     pushadd_to_gateway,
     start_http_server,
@@ -41,6 +47,8 @@ TOTAL = "total"
 # The embedding a RankMe gauge measures: a stage's pooled backbone features, or the output of
 # that level's projector.
 SPACES = ("backbone", "projector")
+# Seconds to wait for the Pushgateway, as prometheus_client's pushes do.
+GATEWAY_TIMEOUT_S = 30.0
 # Steps take 0.05–5 s from a laptop CPU to a multi-node GPU job; the outer buckets catch
 # stalls (a slow shard, a checkpoint written in the step).
 STEP_BUCKETS = (0.025, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 30.0)
@@ -340,3 +348,55 @@ def _push(
         logger.warning("metrics of %s not pushed to %s: %s", job, address, error)
         return False
     return True
+
+
+def delete_run_groups(run: str, namespace: str | None = None, gateway: str | None = None) -> int:
+    """Deletes a finished run's groups from the Pushgateway, best-effort.
+
+    A group is the run's when its ``run`` label (see :func:`grouping_key`) is ``run`` or one
+    of its arms (``<run>/<arm>``) and its namespace is this one. Groups without a run (the
+    namespace's pipeline outcome) and the groups of datasets, which runs share, are kept.
+
+    Args:
+        run: The run's name.
+        namespace: The namespace whose groups are deleted; defaults to ``$POD_NAMESPACE``.
+            Without one, only groups without a namespace label are the run's.
+        gateway: Pushgateway address; defaults to ``$PUSHGATEWAY_URL``.
+
+    Returns:
+        How many groups were deleted; 0 when no gateway is configured. An unreachable gateway
+        costs a warning, never an exception: cleaning up never fails the step that asks.
+    """
+    address = gateway or os.environ.get("PUSHGATEWAY_URL")
+    if not address:
+        return 0
+    namespace = namespace or os.environ.get("POD_NAMESPACE")
+    deleted = 0
+    try:
+        for labels in _pushed_groups(address):
+            group_run = labels.get("run", "")
+            if labels.get("namespace") != namespace or not (
+                group_run == run or group_run.startswith(f"{run}/")
+            ):
+                continue
+            job = labels.pop("job")
+            delete_from_gateway(address, job, grouping_key=labels, timeout=GATEWAY_TIMEOUT_S)
+            deleted += 1
+    # OSError: refused, timed out, or an HTTP error status; ValueError: something that is not
+    # a Pushgateway answered the listing.
+    except (OSError, ValueError) as error:
+        logger.warning(
+            "groups of run %s not deleted from %s (%d deleted): %s", run, address, deleted, error
+        )
+    return deleted
+
+
+def _pushed_groups(address: str) -> list[dict[str, str]]:
+    """The grouping labels (``job`` included) of every group the Pushgateway holds."""
+    # prometheus_client's pushes take a bare host:port; so does this listing.
+    if urllib.parse.urlparse(address).scheme not in ("http", "https"):
+        address = f"http://{address}"
+    url = f"{address.rstrip('/')}/api/v1/metrics"
+    with urllib.request.urlopen(url, timeout=GATEWAY_TIMEOUT_S) as response:
+        body = json.load(response)
+    return [dict(group["labels"]) for group in body["data"]]
