@@ -9,6 +9,12 @@ shard whose receipt matches and whose bytes still hash to the receipt's sha256, 
 rest. Once committed, the files of any split the previous run's dataset manifest listed but
 this one does not are deleted, so no split that left the source stays readable.
 
+A big source can be prepared in parts, by several jobs at once: ``--part I/N`` (1-based, ``1/N``
+to ``N/N``) writes every N-th shard of the plan, starting with the I-th, and commits nothing.
+The plan depends only on the listing, the seed and the shard size, so the parts never overlap
+and together cover it. A plain run afterwards reuses the parts' shards through their receipts,
+writes any a part left undone, and commits.
+
 Invalid inputs never stop the job: they are left out and listed in the manifest with a reason.
 An input that cannot be *read* (denied, or still failing after the retries) is not invalid: its
 shard is not written and the step fails naming it, so that a rerun completes the dataset. A
@@ -28,6 +34,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
+from typing import overload
 
 import numpy as np
 
@@ -107,6 +114,51 @@ class ShardReceipt:
     inputs: int
 
 
+@overload
+def prepare_shards(
+    source: str,
+    dest: str,
+    layout: str = ...,
+    shard_size: int = ...,
+    max_side: int | None = ...,
+    workers: int = ...,
+    seed: int = ...,
+    fingerprint: str | None = ...,
+    *,
+    part: None = ...,
+) -> DatasetManifest: ...
+
+
+@overload
+def prepare_shards(
+    source: str,
+    dest: str,
+    layout: str = ...,
+    shard_size: int = ...,
+    max_side: int | None = ...,
+    workers: int = ...,
+    seed: int = ...,
+    fingerprint: str | None = ...,
+    *,
+    part: tuple[int, int],
+) -> None: ...
+
+
+@overload
+def prepare_shards(
+    source: str,
+    dest: str,
+    layout: str = ...,
+    shard_size: int = ...,
+    max_side: int | None = ...,
+    workers: int = ...,
+    seed: int = ...,
+    fingerprint: str | None = ...,
+    *,
+    part: tuple[int, int] | None,
+) -> DatasetManifest | None: ...
+
+
 def prepare_shards(
     source: str,
     dest: str,
@@ -116,7 +168,9 @@ def prepare_shards(
     workers: int = 1,
     seed: int = 0,
     fingerprint: str | None = None,
-) -> DatasetManifest:
+    *,
+    part: tuple[int, int] | None = None,
+) -> DatasetManifest | None:
     """Writes one webdataset per split of ``source`` under ``dest``, with manifests.
 
     Args:
@@ -129,9 +183,12 @@ def prepare_shards(
         seed: Shuffle seed; the same inputs and seed give byte-identical shards.
         fingerprint: The source's listing fingerprint that ``dest`` is named after (the
             pipeline's); the source must still match it, before sharding and at the commit.
+        part: ``(I, N)``, 1-based: write only part I of N of the shards (every N-th shard of
+            the plan, from the I-th) and commit nothing; a plain run commits once every part
+            is done. None writes every shard and commits.
 
     Returns:
-        The dataset manifest that was committed.
+        The dataset manifest that was committed, or None for a part (it commits nothing).
 
     Raises:
         UsageError: A bad option or a source without inputs of this layout.
@@ -145,6 +202,8 @@ def prepare_shards(
         raise UsageError(f"--max-side {max_side}: must be at least 16 pixels")
     if workers < 1:
         raise UsageError(f"--workers {workers}: must be at least 1")
+    if part is not None and not 1 <= part[0] <= part[1]:
+        raise UsageError(f"--part {part[0]}/{part[1]}: I/N needs 1 <= I <= N (parts count from 1)")
     for flag, uri in (("--source", source), ("--dest", dest)):
         if (problem := storage.scheme_problem(uri)) is not None:
             raise UsageError(f"{flag} {uri}: {problem}")
@@ -170,31 +229,28 @@ def prepare_shards(
         "%s: %d inputs in %d splits -> %d shards with %d workers",
         source, total_inputs, len(set(listing.items)), len(tasks), workers,
     )  # fmt: skip
+    if part is not None:
+        index, count = part
+        # Every N-th shard rather than a contiguous run: each part gets a near-equal share of
+        # every split, so parts of a source with one huge split still finish together.
+        mine = tasks[index - 1 :: count]
+        logger.info("part %d/%d: %d of the %d shards", index, count, len(mine), len(tasks))
+        receipts, pending = _find_finished(mine)
+        start = time.monotonic()
+        _write(mine, pending, receipts, workers)
+        processed = sum(len(task.items) for task in pending)
+        logger.info(
+            "part %d/%d: wrote %d shards (%d inputs, %.1f img/s), %d were already complete; "
+            "no manifest is written: run prepare-shards without --part, once every part is "
+            "done, to commit the dataset",
+            index, count, len(pending), processed,
+            processed / max(time.monotonic() - start, 1e-9), len(mine) - len(pending),
+        )  # fmt: skip
+        return None
 
-    receipts: dict[tuple[str, int], ShardReceipt] = {}
-    pending = []
-    # Each kept shard is hashed; threads overlap the reads' storage latency.
-    with ThreadPoolExecutor(max_workers=VERIFY_THREADS) as pool:
-        for task, receipt in zip(tasks, pool.map(_reusable_receipt, tasks), strict=True):
-            if receipt is None:
-                pending.append(task)
-            else:
-                receipts[(task.split, task.index)] = receipt
-    if receipts:
-        logger.info("resuming: %d of %d shards are already complete", len(receipts), len(tasks))
-
+    receipts, pending = _find_finished(tasks)
     start = time.monotonic()
-    with Progress(total_inputs, "prepare-shards", unit="img", logger=logger) as progress:
-        progress.update(sum(receipt.inputs for receipt in receipts.values()))
-        try:
-            for task, receipt in _run(pending, workers):
-                receipts[(task.split, task.index)] = receipt
-                progress.update(receipt.inputs, shards=len(receipts))
-        except OSError as error:
-            # A read that failed is not a bad image: the shard is not written, and a rerun
-            # (reusing every finished shard) completes the dataset once storage answers.
-            accounting.log_failure(error, len(receipts), len(tasks))
-            raise
+    _write(tasks, pending, receipts, workers)
     outcomes = _outcomes(listing, tasks, receipts)
     accounting.require_samples(source, outcomes)
     processed = sum(len(task.items) for task in pending)
@@ -207,6 +263,45 @@ def prepare_shards(
     written = Counter(task.split for task in pending)
     accounting.push_metrics(dest, layout, outcomes, written, time.monotonic() - started)
     return manifest
+
+
+def _find_finished(
+    tasks: list[ShardTask],
+) -> tuple[dict[tuple[str, int], ShardReceipt], list[ShardTask]]:
+    """Splits ``tasks`` into finished shards (their receipts by split and index) and the rest."""
+    receipts: dict[tuple[str, int], ShardReceipt] = {}
+    pending = []
+    # Each kept shard is hashed; threads overlap the reads' storage latency.
+    with ThreadPoolExecutor(max_workers=VERIFY_THREADS) as pool:
+        for task, receipt in zip(tasks, pool.map(_reusable_receipt, tasks), strict=True):
+            if receipt is None:
+                pending.append(task)
+            else:
+                receipts[(task.split, task.index)] = receipt
+    if receipts:
+        logger.info("resuming: %d of %d shards are already complete", len(receipts), len(tasks))
+    return receipts, pending
+
+
+def _write(
+    tasks: list[ShardTask],
+    pending: list[ShardTask],
+    receipts: dict[tuple[str, int], ShardReceipt],
+    workers: int,
+) -> None:
+    """Writes the ``pending`` ones of ``tasks``, adding their receipts to ``receipts``."""
+    total_inputs = sum(len(task.items) for task in tasks)
+    with Progress(total_inputs, "prepare-shards", unit="img", logger=logger) as progress:
+        progress.update(sum(receipt.inputs for receipt in receipts.values()))
+        try:
+            for task, receipt in _run(pending, workers):
+                receipts[(task.split, task.index)] = receipt
+                progress.update(receipt.inputs, shards=len(receipts))
+        except OSError as error:
+            # A read that failed is not a bad image: the shard is not written, and a rerun
+            # (reusing every finished shard) completes the dataset once storage answers.
+            accounting.log_failure(error, len(receipts), len(tasks))
+            raise
 
 
 def _run(tasks: list[ShardTask], workers: int) -> Iterator[tuple[ShardTask, ShardReceipt]]:
@@ -425,7 +520,28 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="fail unless the source still has this listing fingerprint (the pipeline names "
         "the dataset folder after it), checked before sharding and before the commit",
     )
+    parser.add_argument(
+        "--part", metavar="I/N",
+        help="write only part I of N (1/N..N/N) of the shards and commit nothing, so N jobs "
+        "can share a big source; a plain run afterwards reuses their shards and commits",
+    )  # fmt: skip
     return parser
+
+
+def parse_part(text: str) -> tuple[int, int]:
+    """``"2/4"`` -> ``(2, 4)``: part 2 of 4, counted from 1.
+
+    Raises:
+        UsageError: Not two whole numbers I/N with 1 <= I <= N.
+    """
+    index, slash, count = text.partition("/")
+    try:
+        part = (int(index), int(count)) if slash else None
+    except ValueError:
+        part = None
+    if part is None or not 1 <= part[0] <= part[1]:
+        raise UsageError(f"--part {text}: expected I/N with 1 <= I <= N, e.g. 1/4 up to 4/4")
+    return part
 
 
 def main(args: argparse.Namespace) -> None:
@@ -439,4 +555,5 @@ def main(args: argparse.Namespace) -> None:
         workers=args.workers,
         seed=args.seed,
         fingerprint=args.fingerprint,
+        part=None if args.part is None else parse_part(args.part),
     )
