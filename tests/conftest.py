@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from fault_proxy import FaultProxy, fault_proxy
 from system_tools import free_port, require_tool, wait_for_port
 
 from ladder_siam.io import storage
@@ -54,3 +55,14 @@ def shards(tmp_path_factory: pytest.TempPathFactory) -> str:
     make_demo_data(str(root / "raw"), images=200, size=40)
     prepare_shards(str(root / "raw" / "imagefolder"), str(root / "shards"), shard_size=50)
     return str(root / "shards")
+
+
+@pytest.fixture
+def proxy(
+    s3_endpoint: str, s3_bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[FaultProxy]:
+    """Every S3 call of the test goes through a fault proxy in front of the moto server."""
+    with fault_proxy(s3_endpoint) as running:
+        storage.set_s3_endpoint(running.url)
+        yield running
+    storage.set_s3_endpoint(s3_endpoint)

@@ -10,11 +10,10 @@ from __future__ import annotations
 import json
 import os
 import socket
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from fault_proxy import Fault, FaultProxy, fault_proxy
+from fault_proxy import Fault, FaultProxy
 from storage_trees import upload_tree
 from system_tools import free_port
 
@@ -29,17 +28,6 @@ from ladder_siam.prep.prepare_shards import prepare_shards
 from ladder_siam.pretrain.config import PretrainConfig
 from ladder_siam.runtime import resume
 from ladder_siam.runtime.metrics import TrainingMetrics, push_job_metrics
-
-
-@pytest.fixture
-def proxy(
-    s3_endpoint: str, s3_bucket: str, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[FaultProxy]:
-    """Every S3 call of the test goes through a fault proxy in front of the moto server."""
-    with fault_proxy(s3_endpoint) as running:
-        storage.set_s3_endpoint(running.url)
-        yield running
-    storage.set_s3_endpoint(s3_endpoint)
 
 
 @pytest.fixture(scope="module")

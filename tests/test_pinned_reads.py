@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import io
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import boto3
 import numpy as np
 import pytest
-from fault_proxy import Fault, FaultProxy, fault_proxy
+from fault_proxy import Fault, FaultProxy
 from PIL import Image
 from storage_trees import upload_tree
 
@@ -34,17 +34,6 @@ def demo_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("demo")
     make_demo_data(str(root), images=24, size=32)
     return root
-
-
-@pytest.fixture
-def proxy(
-    s3_endpoint: str, s3_bucket: str, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[FaultProxy]:
-    """Every S3 call of the test goes through a fault proxy in front of the moto server."""
-    with fault_proxy(s3_endpoint) as running:
-        storage.set_s3_endpoint(running.url)
-        yield running
-    storage.set_s3_endpoint(s3_endpoint)
 
 
 def _new_jpeg() -> bytes:
