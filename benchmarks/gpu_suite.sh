@@ -2,7 +2,8 @@
 # One prepared run of the GPU benchmarks, for a lent GPU machine (torch preinstalled; the
 # package runs from src/ without installation). Results land in $OUT (or ./gpu_results).
 #
-#   bash benchmarks/gpu_suite.sh [PART ...]     default: every part but eager-steps, monitor
+#   bash benchmarks/gpu_suite.sh [PART ...]     default: every part but eager-steps, monitor,
+#                                               evals
 #
 # A lease is 15 minutes in all and one command at most 10, so a call runs the parts that fit
 # 9 minutes (estimates on an H100/H200): `e2e monitor` (~5 min), `compiled` (~9 min: three
@@ -20,6 +21,11 @@
 #   eager-steps     the four methods' eager steps (issue 3's ratios; measured 2026-11-26)
 #   monitor         issue 14/19: the online monitor's cost on the ResNet-50 bf16 eager step,
 #                   BYOL and Ladder-BYOL, 100 steps holding one RankMe (about 2 min)
+#   evals           the finetune evaluations' training step (bench_eval_step.py): Mask R-CNN
+#                   FPN at coco-1x (2 images per GPU, 800x1067) and FCN-D8 at voc (4 crops of
+#                   512 px per GPU), the presets' fp32, 5 warm-up + 20 timed steps each; s/iter
+#                   x the presets' iterations is a per-GPU-share wall time, without the 8/4-GPU
+#                   all-reduce and SyncBN (~3 min on an H100, estimated: mostly model builds)
 #
 # Demo shards need pycocotools and pretraining writes backbone.safetensors, which the GPU image
 # lacks (it has prometheus-client, pyyaml, tqdm). Fetch their wheels once into .whl/
@@ -49,6 +55,7 @@ export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 # The sizes: the issues' on a GPU, toy ones for the CPU smoke run.
 model=() e2e_size=() compiled_size=(--steps 15 --warmup 3)
 monitor_size=(--steps 100 --rank-every 100 --warmup 5)
+evals_size=(--preset-detection coco-1x --preset-segmentation voc --steps 20 --warmup 5)
 # Issue 20: BYOL and Ladder-BYOL x seeds 0, 1, 2 and the control, all at once on the one GPU,
 # two loader workers each; 8 epochs fit the lease (the arithmetic is in the script's header).
 fmnist_arms=(--seeds 0,1,2 --parallel 7)
@@ -61,6 +68,7 @@ if [[ "${GPU_SUITE_SMOKE:-0}" == 1 ]]; then
   e2e_size=(--images 64 --size 64 --workers 1 --steps 2 --warmup 2 --log-every 2)
   compiled_size=(--steps 2 --warmup 1)
   monitor_size=(--steps 2 --rank-every 2 --warmup 1 --classes 10)
+  evals_size=(--preset-detection tiny --preset-segmentation tiny --steps 2 --warmup 1)
   fmnist_size=(--workers 0 --train-limit 600 --epochs 1 --batch-size 64 --probe-epochs 2
                --analysis-count 8)
   fmnist_out=/tmp/fmnist-smoke
@@ -71,6 +79,8 @@ fi
 part_seconds="${GPU_SUITE_PART_SECONDS:-540}"
 [[ "${GPU_SUITE_SMOKE:-0}" == 1 ]] && part_seconds="${GPU_SUITE_PART_SECONDS:-3600}"
 step() { timeout "$part_seconds" python3 benchmarks/bench_step.py --out "$out/bench_step.jsonl" "${model[@]}" "$@" 2>&1 | tee -a "$out/bench_step.log"; }
+# The finetunes' steps at their recipes' per-GPU batches (the benchmark's defaults).
+evals() { timeout "$part_seconds" python3 benchmarks/bench_eval_step.py --out "$out/bench_eval_step.jsonl" "${evals_size[@]}" "$@" 2>&1 | tee -a "$out/bench_eval_step.log"; }
 e2e() { timeout "$part_seconds" python3 benchmarks/bench_e2e.py --out "$out" --data /tmp/e2e "${model[@]}" "${e2e_size[@]}" "$@" 2>&1 | tee -a "$out/bench_e2e.log"; }
 gpu_decode=(--pretrain-arg=--decode --pretrain-arg=gpu)
 failed=0
@@ -92,6 +102,7 @@ for part in "${@:-e2e e2e-gpu-decode fmnist compiled compiled-e2e}"; do
           "${compiled_size[@]}" ;;
       compiled-e2e) e2e --variant bf16-cl-compiled ;;
       eager-steps) step --variants bf16-cl --steps 15 --warmup 5 ;;
+      evals) evals --task both ;;
       monitor) step --monitor --methods byol,ladder-byol --variants bf16-cl "${monitor_size[@]}" ;;
       *) echo "unknown part $part" >&2; false ;;
     esac

@@ -8,9 +8,19 @@ from ladder_siam.components import IMAGE
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def finetune_detection(
-    model: Input[Model], dataset: Input[Dataset], preset: str, metrics: Output[Metrics]
+    model: Input[Model],
+    dataset: Input[Dataset],
+    preset: str,
+    gpus: int,
+    launch: str,
+    backend: str,
+    kfp_run_id: str,
+    metrics: Output[Metrics],
 ) -> None:
-    """Mask R-CNN (FPN) finetune on COCO-layout shards; box and mask AP into the metrics."""
+    """Mask R-CNN (FPN) finetune on COCO-layout shards; box and mask AP into the metrics.
+
+    A launcher: the finetune runs as a training job of the arm on ``gpus`` GPUs.
+    """
     from ladder_siam.kube.steps import finetune_detection as evaluate
 
-    evaluate(model, dataset, preset, metrics)
+    evaluate(model, dataset, preset, gpus, launch, backend, kfp_run_id, metrics)

@@ -8,9 +8,19 @@ from ladder_siam.components import IMAGE
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def finetune_segmentation(
-    model: Input[Model], dataset: Input[Dataset], preset: str, metrics: Output[Metrics]
+    model: Input[Model],
+    dataset: Input[Dataset],
+    preset: str,
+    gpus: int,
+    launch: str,
+    backend: str,
+    kfp_run_id: str,
+    metrics: Output[Metrics],
 ) -> None:
-    """FCN-D8 finetune on VOC-layout shards; mIoU and pixel accuracy into the metrics."""
+    """FCN-D8 finetune on VOC-layout shards; mIoU and pixel accuracy into the metrics.
+
+    A launcher: the finetune runs as a training job of the arm on ``gpus`` GPUs.
+    """
     from ladder_siam.kube.steps import finetune_segmentation as evaluate
 
-    evaluate(model, dataset, preset, metrics)
+    evaluate(model, dataset, preset, gpus, launch, backend, kfp_run_id, metrics)

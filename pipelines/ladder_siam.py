@@ -2,14 +2,15 @@
 
 ```
 check_inputs (uncached: validates every arm, fingerprints the sources)
-   ├─► prepare_shards ×3 (pretraining, COCO, VOC; cached while their fingerprint holds)
+   ├─► prepare_shards ×3 (pretraining, COCO, VOC; cached while their fingerprint holds;
+   │     with data_prepare_parts > 1, that many part tasks per source first, in parallel)
    ├─► plan_arms (the methods x seeds)
    ▼
 ParallelFor arm (at most MAX_PARALLEL_ARMS at once):
    pretrain (a light launcher pod; the PyTorchJob's or TrainJob's pods hold the GPUs)
-      ├─► linear_probe
-      ├─► detection
-      └─► segmentation
+      ├─► linear_probe (one GPU)
+      ├─► detection (a launcher too: a job on eval_detection_gpus GPUs)
+      └─► segmentation (likewise, on eval_segmentation_gpus)
    ▼ (collected from every arm)
 report (per method: mean ± s.e.; per other method: the paired difference, its 95 % interval
         and a verdict)
@@ -33,7 +34,11 @@ from ladder_siam.components.check_inputs import check_inputs
 from ladder_siam.components.detection import finetune_detection
 from ladder_siam.components.linear_probe import linear_probe
 from ladder_siam.components.plan_arms import plan_arms
-from ladder_siam.components.prepare_shards import prepare_shards
+from ladder_siam.components.prepare_shards import (
+    plan_parts,
+    prepare_shards,
+    prepare_shards_part,
+)
 from ladder_siam.components.pretrain import pretrain
 from ladder_siam.components.record_status import record_status
 from ladder_siam.components.report import report
@@ -83,6 +88,18 @@ def _on_gpu(task: dsl.PipelineTask, node_selector: dict, tolerations: list) -> d
     return task
 
 
+def _launcher(task: dsl.PipelineTask) -> dsl.PipelineTask:
+    """A step that only submits a training job and follows it: the job's pods hold the GPUs."""
+    return task.set_cpu_request("500m").set_memory_request("1Gi").set_memory_limit("2Gi")
+
+
+def _preparing(task: dsl.PipelineTask) -> dsl.PipelineTask:
+    """A shard-preparation task: cached per fingerprint, retried, 8 CPUs for its workers."""
+    task.set_caching_options(True).set_retry(**RETRIES)
+    task.set_cpu_request("8").set_memory_request("32Gi").set_memory_limit("32Gi")
+    return _with_environment(task)
+
+
 def _with_shm(task: dsl.PipelineTask, size: str) -> dsl.PipelineTask:
     # Data-loader workers hand batches over in shared memory; a pod's default /dev/shm is 64 MiB.
     kubernetes.empty_dir_mount(
@@ -106,6 +123,7 @@ def ladder_siam_pipeline(
     data_shard_size: int = DEFAULTS.data_shard_size,
     data_max_side: int = DEFAULTS.data_max_side,
     data_prepare_workers: int = DEFAULTS.data_prepare_workers,
+    data_prepare_parts: int = DEFAULTS.data_prepare_parts,
     pretrain_run_name: str = DEFAULTS.pretrain_run_name,
     pretrain_methods: list = DEFAULTS.pretrain_methods,
     pretrain_seeds: list = DEFAULTS.pretrain_seeds,
@@ -120,6 +138,8 @@ def ladder_siam_pipeline(
     eval_probe_preset: str = DEFAULTS.eval_probe_preset,
     eval_detection_preset: str = DEFAULTS.eval_detection_preset,
     eval_segmentation_preset: str = DEFAULTS.eval_segmentation_preset,
+    eval_detection_gpus: int = DEFAULTS.eval_detection_gpus,
+    eval_segmentation_gpus: int = DEFAULTS.eval_segmentation_gpus,
     cluster_launch_backend: str = DEFAULTS.cluster_launch_backend,
     cluster_image: str = DEFAULTS.cluster_image,
     cluster_namespace: str = DEFAULTS.cluster_namespace,
@@ -144,7 +164,10 @@ def ladder_siam_pipeline(
         data_output_uri: Where datasets/ and runs/<run name>/ are written.
         data_shard_size: Images per shard.
         data_max_side: Down-scale larger images to this side when sharding; 0 keeps sizes.
-        data_prepare_workers: Processes that decode and write shards.
+        data_prepare_workers: Processes that decode and write shards, per task.
+        data_prepare_parts: Tasks (pods) that prepare each source at once, each writing an
+            equal share of its shards, before one more task commits the manifests; 1 prepares
+            it in one task. The shards are the same either way.
         pretrain_run_name: Names the run's folder and jobs; empty: the KFP run's name.
         pretrain_methods: Methods to compare, the baseline first, e.g. ["byol",
             "ladder-byol"]: byol, ladder-byol, dense-byol, ladder-dense-byol or level strings
@@ -167,6 +190,10 @@ def ladder_siam_pipeline(
         eval_detection_preset: Detection schedule: coco-1x, tiny (CPU demo) or smoke (4
             iterations: checks the steps run; its scores mean nothing).
         eval_segmentation_preset: Segmentation schedule: voc, cityscapes, tiny or smoke.
+        eval_detection_gpus: GPUs of each detection finetune, a training job of its own (on
+            pretraining's nodes and queue); the preset's batch of 16 divides over them.
+            coco-1x takes about two days on 1 GPU and about 9 hours on 8 (README).
+        eval_segmentation_gpus: GPUs of each segmentation finetune, as for detection.
         cluster_launch_backend: pytorchjob (training operator), trainjob (Kubeflow Trainer
             v2, runtime from k8s/trainer), or local (torchrun; for kfp.local runs).
         cluster_image: Image of the training pods (the steps' image is fixed at compile time).
@@ -207,18 +234,28 @@ def ladder_siam_pipeline(
             ("detection", data_detection_uri, "coco"),
             ("segmentation", data_segmentation_uri, "voc"),
         ):
-            task = prepare_shards(
-                source=source,
-                layout=layout,
-                dest=plan.outputs[f"{name}_dest"],
-                fingerprint=plan.outputs[f"{name}_fingerprint"],
-                shard_size=data_shard_size,
-                max_side=data_max_side,
-                workers=data_prepare_workers,
-            )
-            task.set_caching_options(True).set_display_name(f"prepare-{name}-shards")
-            task.set_cpu_request("8").set_memory_request("32Gi").set_memory_limit("32Gi")
-            datasets[name] = _with_environment(task.set_retry(**RETRIES))
+            shards = {
+                "source": source,
+                "layout": layout,
+                "shard_size": data_shard_size,
+                "max_side": data_max_side,
+                "workers": data_prepare_workers,
+            }
+            dest, fingerprint = plan.outputs[f"{name}_dest"], plan.outputs[f"{name}_fingerprint"]
+            parts = plan_parts(count=data_prepare_parts, dest=dest, fingerprint=fingerprint)
+            parts.set_display_name(f"plan-{name}-parts")
+            parts.set_cpu_request("100m").set_memory_request("256Mi").set_memory_limit("512Mi")
+            # No iteration with one part: the committing task below then writes everything.
+            with dsl.ParallelFor(_with_environment(parts).output, name=f"{name}-parts") as part:
+                piece = _preparing(
+                    prepare_shards_part(
+                        **shards, dest=part.dest, fingerprint=part.fingerprint, part=part.part
+                    )
+                )
+                piece.set_display_name(f"prepare-{name}-part")
+            task = _preparing(prepare_shards(**shards, dest=dest, fingerprint=fingerprint))
+            task.after(piece)
+            datasets[name] = task.set_display_name(f"prepare-{name}-shards")
 
         arms = plan_arms(
             launch=plan.outputs["launch"],
@@ -240,21 +277,29 @@ def ladder_siam_pipeline(
                 kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
             )
             training.set_display_name("pretrain").set_retry(**RETRIES)
-            training.set_cpu_request("500m").set_memory_request("1Gi").set_memory_limit("2Gi")
-            _with_environment(training)
+            _with_environment(_launcher(training))
 
             backbone = training.outputs["model"]
-            evaluations = {}
-            for name, component, preset in (
-                ("linear-probe", linear_probe, eval_probe_preset),
-                ("detection", finetune_detection, eval_detection_preset),
-                ("segmentation", finetune_segmentation, eval_segmentation_preset),
-            ):
-                dataset = datasets["pretrain" if name == "linear-probe" else name]
-                task = component(model=backbone, dataset=dataset.outputs["dataset"], preset=preset)
+            probe = linear_probe(
+                model=backbone, dataset=datasets["pretrain"].outputs["dataset"],
+                preset=eval_probe_preset,
+            )  # fmt: skip
+            probe.set_display_name("linear-probe").set_retry(**RETRIES)
+            _on_gpu(probe, cluster_gpu_node_selector, cluster_gpu_tolerations)
+            evaluations = {"linear-probe": _with_environment(probe)}
+            # Launchers like pretraining: each finetune is a training job of the arm's.
+            for name, component, preset, gpus in (
+                ("detection", finetune_detection, eval_detection_preset, eval_detection_gpus),
+                ("segmentation", finetune_segmentation, eval_segmentation_preset,
+                 eval_segmentation_gpus),
+            ):  # fmt: skip
+                task = component(
+                    model=backbone, dataset=datasets[name].outputs["dataset"], preset=preset,
+                    gpus=gpus, launch=arm.launch, backend=cluster_launch_backend,
+                    kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+                )  # fmt: skip
                 task.set_display_name(name).set_retry(**RETRIES)
-                _on_gpu(task, cluster_gpu_node_selector, cluster_gpu_tolerations)
-                evaluations[name] = _with_environment(task)
+                evaluations[name] = _with_environment(_launcher(task))
 
         summary = report(
             models=dsl.Collected(backbone),

@@ -7,9 +7,7 @@ import io
 import json
 import logging
 import math
-import os
 import shutil
-import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +18,7 @@ import torch
 import torchvision
 from backbones import reexport
 from pycocotools import mask as mask_utils
-from system_tools import free_port, require_tool
+from system_tools import require_tool
 from torch import nn
 from torchvision.ops import FrozenBatchNorm2d, masks_to_boxes
 
@@ -32,6 +30,8 @@ from ladder_siam.evals.detection.config import DetectionConfig, config_from_args
 from ladder_siam.evals.detection.data import TrainTransform, instance_targets
 from ladder_siam.evals.detection.finetune import finetune_detection, get_args_parser
 from ladder_siam.evals.detection.model import build_mask_rcnn, param_groups
+from ladder_siam.kube.evaluation_jobs import evaluation_args, run_evaluation
+from ladder_siam.kube.launch_config import LaunchConfig, task_config
 from ladder_siam.prep.demo_data import make_demo_data
 from ladder_siam.prep.prepare_shards import prepare_shards
 from ladder_siam.pretrain.model import LadderSiam
@@ -339,22 +339,41 @@ def test_bad_inputs_fail_before_training(demo: Path, tmp_path: Path) -> None:
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_two_process_gloo_run_evaluates_every_val_image_once(demo: Path, tmp_path: Path) -> None:
-    torchrun = require_tool(str(Path(sys.executable).parent / "torchrun"))
-    command = [
-        torchrun, "--nproc-per-node=2", f"--master-port={free_port()}",
-        "-m", "ladder_siam.evals.detection.finetune", "--preset", "tiny",
-        "--backbone", str(demo / "backbone.pt"), "--train", str(demo / "coco"),
-        "--val", str(demo / "coco"), "--out", str(tmp_path), "--iterations", "2",
-        "--batch-size", "4", "--min-size", "32", "--max-size", "32", "--workers", "0",
-    ]  # fmt: skip
-    result = subprocess.run(
-        command, capture_output=True, text=True, timeout=300, check=False,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+def test_a_two_process_local_job_trains_and_scores_as_one_process_does(
+    demo: Path,
+    tmp_path: Path,
+    capfd: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    require_tool(str(Path(sys.executable).parent / "torchrun"))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    out = tmp_path / "eval"
+    args = evaluation_args("tiny", str(demo / "backbone.pt"), str(demo / "coco"),
+                           str(demo / "coco"), str(out))  # fmt: skip
+    args += ["--iterations", "2", "--batch-size", "4", "--min-size", "32", "--max-size", "32",
+             "--workers", "0", "--log-every", "1", "--checkpoint-every", "2"]  # fmt: skip
+    arm = LaunchConfig(
+        name="ladder-siam-r-byol-s0", namespace="local", image="ladder-siam:0.1.0", run_id="r",
+        arm="byol-s0", gpus_per_node=8,
     )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "on 2 x cpu" in result.stderr
-    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    # The pipeline's local backend: two processes under torchrun (gloo), 2 images each.
+    both = run_evaluation("detection", args, 2, arm, "local")
+    log = capfd.readouterr().err
     val_images = load_split(str(demo / "coco"), "val").num_samples
-    assert (metrics["iterations"], metrics["val_images"]) == (2, val_images)
-    assert f"COCO segm evaluation of {val_images} images" in result.stderr
+    assert "on 2 x cpu" in log
+    assert (both["iterations"], both["val_images"]) == (2, val_images)
+    # Rank 0 scores the gathered detections once: no image counted twice, none left out.
+    assert log.count(f"COCO segm evaluation of {val_images} images") == 1
+    # The global batch and its schedule are the preset's, whatever the process count.
+    config = task_config("detection", args)
+    assert [(r["step"], r["lr"]) for r in read_train_log(str(out))] == [
+        (step, pytest.approx(config.lr * config.lr_factor(step - 1))) for step in (1, 2)
+    ]
+
+    # One process, here in the step, resumes at the last step and scores the same weights:
+    # the same numbers, so nothing depended on how the val split was sharded.
+    (out / "metrics.json").unlink()
+    one = run_evaluation("detection", args, 1, arm, "local")
+    for iou_type in ("bbox", "segm"):
+        assert one[iou_type] == pytest.approx(both[iou_type], abs=1e-6), iou_type
+    assert one["val_images"] == val_images

@@ -19,7 +19,13 @@ from ladder_siam import cli
 from ladder_siam.components import IMAGE
 from ladder_siam.io import storage
 from ladder_siam.io.s3 import CREDENTIAL_VARIABLES
-from ladder_siam.kube.inputs import PipelineInputs, plan_run, pretrain_config, run_name
+from ladder_siam.kube.inputs import (
+    PipelineInputs,
+    plan_run,
+    prepare_parts,
+    pretrain_config,
+    run_name,
+)
 from ladder_siam.kube.pytorchjob import build_pytorchjob
 from ladder_siam.kube.steps import launch_config_from_json, plan_arms
 from ladder_siam.pipelines.ladder_siam import (
@@ -35,10 +41,15 @@ from ladder_siam.report.comparisons import NO_SPREAD
 
 REPO = Path(__file__).parents[1]
 STAGES = ("res2", "res3", "res4", "res5")
-GPU_STEPS = ("finetune-detection", "finetune-segmentation", "linear-probe")
-# The exit handler's task that loops over the arms (KFP names it).
-LOOP = "for-loop-2"
-ARM_STEPS = ("pretrain", *GPU_STEPS)
+EVAL_STEPS = ("finetune-detection", "finetune-segmentation", "linear-probe")
+# Steps that hold a GPU themselves; the others that train submit a job whose pods hold them.
+GPU_STEPS = ("linear-probe",)
+LAUNCHERS = ("pretrain", "finetune-detection", "finetune-segmentation")
+# The exit handler's task that loops over the arms (KFP names it), after the three sources'
+# loops over their preparation parts.
+LOOP = "for-loop-5"
+PART_LOOPS = ("for-loop-2", "for-loop-3", "for-loop-4")
+ARM_STEPS = ("pretrain", *EVAL_STEPS)
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +61,13 @@ def compiled() -> tuple[dict[str, Any], dict[str, Any]]:
 def tasks(spec: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """The steps inside the exit handler and inside its loop over the arms, by name."""
     outer = spec["components"]["comp-exit-handler-1"]["dag"]["tasks"]
-    inner = spec["components"][outer[LOOP]["componentRef"]["name"]]["dag"]["tasks"]
-    return {**{name: task for name, task in outer.items() if name != LOOP}, **inner}
+    inner = loop_tasks(spec, LOOP)
+    return {**{name: task for name, task in outer.items() if "for-loop" not in name}, **inner}
+
+
+def loop_tasks(spec: dict[str, Any], loop: str) -> dict[str, dict[str, Any]]:
+    outer = spec["components"]["comp-exit-handler-1"]["dag"]["tasks"]
+    return spec["components"][outer[loop]["componentRef"]["name"]]["dag"]["tasks"]
 
 
 def component(task: dict[str, Any]) -> str:
@@ -95,13 +111,31 @@ def test_shards_are_prepared_once_then_every_arm_trains_and_is_evaluated_then_on
     graph = tasks(spec)
     steps = sorted(component(task) for task in graph.values())
     assert steps == sorted(
-        ["check-inputs", *["prepare-shards"] * 3, "plan-arms", *ARM_STEPS, "report"]
-    )
+        ["check-inputs", *["plan-parts", "prepare-shards"] * 3, "plan-arms", *ARM_STEPS,
+         "report"]
+    )  # fmt: skip
     # Outside the loop: the inputs' check, the shards (once for every arm), the arms' plan and
     # the report; inside it, one pretraining and three evaluations per arm.
-    assert sorted(component(outer[name]) for name in outer if name != LOOP) == sorted(
-        ["check-inputs", *["prepare-shards"] * 3, "plan-arms", "report"]
+    assert sorted(component(outer[name]) for name in outer if "for-loop" not in name) == sorted(
+        ["check-inputs", *["plan-parts", "prepare-shards"] * 3, "plan-arms", "report"]
     )
+    # Each source's shards are written by its parts (its plan-parts' list) before the task
+    # that commits them; one part is no iteration at all.
+    for loop, (plan, commit) in zip(PART_LOOPS, [("plan-parts", "prepare-shards"),
+                                                 ("plan-parts-2", "prepare-shards-2"),
+                                                 ("plan-parts-3", "prepare-shards-3")],
+                                    strict=True):  # fmt: skip
+        assert outer[loop]["parameterIterator"]["items"] == {
+            "inputParameter": f"pipelinechannel--{plan}-Output"
+        }
+        # Only the item and the pipeline's parameters go in (see steps.plan_parts).
+        inputs = outer[loop]["inputs"]["parameters"].values()
+        assert [i["taskOutputParameter"]["producerTask"] for i in inputs
+                if "taskOutputParameter" in i] == [plan]  # fmt: skip
+        assert [component(task) for task in loop_tasks(spec, loop).values()] == [
+            "prepare-shards-part"
+        ]
+        assert loop in outer[commit]["dependentTasks"]
     loop = outer[LOOP]
     assert loop["parameterIterator"]["items"] == {
         "inputParameter": "pipelinechannel--plan-arms-Output"
@@ -111,7 +145,7 @@ def test_shards_are_prepared_once_then_every_arm_trains_and_is_evaluated_then_on
                                            "prepare-shards-3"}  # fmt: skip
     inner = {component(task): name for name, task in graph.items() if name not in outer}
     assert set(inner) == set(ARM_STEPS)
-    for step in GPU_STEPS:
+    for step in EVAL_STEPS:
         # Each evaluation waits for its arm's pretraining only, never for another evaluation.
         assert graph[inner[step]]["dependentTasks"] == ["pretrain"]
     # The report collects every arm's backbone and evaluations: it waits for the whole loop.
@@ -155,6 +189,8 @@ def test_steps_run_the_project_image_without_installing_anything(
             assert (gpu["resourceType"], gpu["resourceCount"]) == ("nvidia.com/gpu", "1"), name
         else:
             assert gpu == {}, f"{name} must not hold a GPU"
+        if name.removeprefix("exec-") in LAUNCHERS:
+            assert resources["memoryLimit"] <= 2 * 2**30, name
 
 
 def test_every_step_gets_credentials_and_settings_and_gpu_steps_their_nodes(
@@ -207,9 +243,10 @@ def test_steps_whose_rerun_is_harmless_are_retried_with_backoff(
     }  # fmt: skip
     policy = tasks(spec)["pretrain"]["retryPolicy"]
     assert policy["backoffDuration"] == "60s" and policy["backoffFactor"] == 2.0
-    # The launcher learns its KFP run's id, which labels the job it adopts on a retry.
-    run_id = tasks(spec)["pretrain"]["inputs"]["parameters"]["kfp_run_id"]
-    assert run_id == {"runtimeValue": {"constant": "{{$.pipeline_job_uuid}}"}}
+    # Each launcher learns its KFP run's id, which labels the job it adopts on a retry.
+    for launcher in ("pretrain", "finetune-detection", "finetune-segmentation"):
+        run_id = tasks(spec)[launcher]["inputs"]["parameters"]["kfp_run_id"]
+        assert run_id == {"runtimeValue": {"constant": "{{$.pipeline_job_uuid}}"}}
 
 
 def test_the_run_form_lists_the_parameters_by_group(
@@ -360,6 +397,7 @@ def test_every_bad_parameter_is_reported_at_once_before_any_work(
         pretrain_seeds=[0, 0.5],
         eval_probe_preset="huge",
         pretrain_nodes=0,
+        eval_detection_gpus=3,
         report_compare_runs=[str(tmp_path / "no-such-run")],
     )
     with pytest.raises(ValueError) as error:
@@ -371,6 +409,7 @@ def test_every_bad_parameter_is_reported_at_once_before_any_work(
         "pretrain_nodes 0",
         "method 'simclr'",
         "pretrain_seeds: 0.5 is not an integer",
+        "eval_detection_gpus 3: --batch-size 16: must be divisible by world size 3",
         "no-such-run",
     ):
         assert expected in message
@@ -392,6 +431,10 @@ def test_every_bad_parameter_is_reported_at_once_before_any_work(
         plan_run(inputs(sources, tmp_path, pretrain_methods=[]), "job")
     with pytest.raises(ValueError, match="--sync-bn-scope 'rack': expected all or node"):
         plan_run(inputs(sources, tmp_path, pretrain_sync_bn_scope="rack"), "job")
+    for parts, problem in ((0, "at least 1"), (1000, "at most 256")):
+        with pytest.raises(ValueError, match=f"data_prepare_parts {parts}: {problem}"):
+            plan_run(inputs(sources, tmp_path, data_prepare_parts=parts), "job")
+    assert (prepare_parts(3), prepare_parts(1)) == (["1/3", "2/3", "3/3"], [])
 
 
 def test_the_fingerprint_follows_the_source_listing(sources: Path, tmp_path: Path) -> None:
@@ -457,6 +500,7 @@ def test_a_sweep_of_two_methods_and_two_seeds_runs_locally_and_compares_them(
             "pretrain_run_name": "sweep",
             "pretrain_methods": ["byol", "ladder-byol"],
             "pretrain_seeds": [0, 1],
+            "data_prepare_parts": 2,
             # Four arms: the evaluations only need to run, not to learn.
             "eval_detection_preset": "smoke",
             "eval_segmentation_preset": "smoke",
@@ -473,9 +517,11 @@ def test_a_sweep_of_two_methods_and_two_seeds_runs_locally_and_compares_them(
         assert storage.exists(str(run / "arms" / arm / "backbone.pt")), arm
         for evaluation in ("linear_probe", "detection", "segmentation"):
             assert (run / "arms" / arm / "eval" / evaluation / "metrics.json").is_file(), arm
-    # The shards were prepared once, for every arm.
+    # The shards were prepared once, for every arm: each source by two parts, then committed.
     datasets = sorted(path.name.rsplit("-", 1)[0] for path in (output / "datasets").iterdir())
     assert datasets == ["coco", "imagefolder", "voc"]
+    [kfp_run] = (tmp_path / "kfp").iterdir()
+    assert len(list(kfp_run.glob("**/prepare-shards-part*/"))) == 6
     assert status_of(output, "sweep")["state"] == "SUCCEEDED"
 
     summary = json.loads((run / "report" / "summary.json").read_text())
@@ -512,7 +558,6 @@ def test_a_sweep_of_two_methods_and_two_seeds_runs_locally_and_compares_them(
     assert "Is the difference real?" in page and "Differences from byol" in page
 
     # KFP's own outputs: each arm's model points into its folder; the metrics are numbers.
-    [kfp_run] = (tmp_path / "kfp").iterdir()
     models = [
         json.loads(path.read_text())["artifacts"]["model"]["artifacts"][0]["metadata"]
         for path in kfp_run.glob("**/pretrain*/executor_output.json")

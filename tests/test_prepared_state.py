@@ -1,9 +1,9 @@
 """What a prepared dataset folder holds after a rerun: all of the source, intact, and no more.
 
 A folder that cannot be listed fails the step instead of vanishing from the dataset; a rerun
-hashes every shard it keeps and writes again one damaged in place, and a reader that finds one
-names the command that does so; a split that left the source leaves the destination too, and
-a stale copy of one is refused rather than read.
+hashes again every shard written since its receipt and rewrites one damaged in place, and a
+reader that finds one names the command that does so; a split that left the source leaves
+the destination too, and a stale copy of one is refused rather than read.
 """
 
 from __future__ import annotations

@@ -113,19 +113,20 @@ def list_objects(prefix: str) -> Iterator[FileInfo]:
         raise StorageError(f"{prefix}: cannot list: {error}") from error
 
 
-def head(uri: str) -> int | None:
-    """The size of the object at ``uri``, or None when it does not exist."""
+def head(uri: str) -> FileInfo | None:
+    """The size and ETag of the object at ``uri``, or None when it does not exist."""
     from botocore.exceptions import BotoCoreError, ClientError
 
     bucket, key = split_s3(uri)
     try:
-        return int(s3_client().head_object(Bucket=bucket, Key=key)["ContentLength"])
+        found = s3_client().head_object(Bucket=bucket, Key=key)
     except ClientError as error:
         if not_found(error):
             return None
         raise StorageError(f"{uri}: {error}") from error
     except BotoCoreError as error:  # unreachable endpoint, after the retries
         raise StorageError(f"{uri}: {error}") from error
+    return FileInfo(uri=uri, size=int(found["ContentLength"]), etag=found["ETag"].strip('"'))
 
 
 def delete(uri: str) -> None:

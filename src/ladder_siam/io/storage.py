@@ -51,6 +51,7 @@ __all__ = [
     "delete",
     "delete_folder",
     "exists",
+    "file_info",
     "is_s3",
     "join",
     "join_under",
@@ -174,8 +175,21 @@ def size(uri: str) -> int:
     Raises:
         FileNotFoundError: Nothing exists at ``uri``.
     """
+    return file_info(uri).size
+
+
+def file_info(uri: str) -> FileInfo:
+    """The size and version tag of the file (object) at ``uri``, as :func:`list_files` gives.
+
+    The tag (S3's ETag, a local file's mtime in nanoseconds) changes whenever the object is
+    written again, so an unchanged tag vouches for unchanged bytes without reading them.
+
+    Raises:
+        FileNotFoundError: Nothing exists at ``uri``.
+    """
     if not is_s3(uri):
-        return _existing_file(uri).stat().st_size
+        info = _existing_file(uri).stat()
+        return FileInfo(uri=uri, size=info.st_size, etag=str(info.st_mtime_ns))
     found = s3.head(uri)
     if found is None:
         raise FileNotFoundError(f"{uri}: no such object")

@@ -33,6 +33,8 @@ from ladder_siam.runtime.run_folder import DATASETS, RunFolder
 # Where pretraining runs: a PyTorchJob, a TrainJob, or torchrun on this machine (kfp.local).
 BACKENDS = (*JOB_BACKENDS, "local")
 _FINGERPRINT_CHARS = 12
+# Parallel preparation tasks per source; beyond this, a pod per few shards costs more than it saves.
+MAX_PREPARE_PARTS = 256
 _NAME_CHARS = 40
 # A Kubernetes pod's own namespace, mounted with its service-account token.
 _POD_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
@@ -60,6 +62,7 @@ class PipelineInputs:
     data_shard_size: int = 1000
     data_max_side: int = 0
     data_prepare_workers: int = 8
+    data_prepare_parts: int = 1
     pretrain_run_name: str = ""
     pretrain_methods: list[str] = field(default_factory=lambda: ["ladder-byol"])
     pretrain_seeds: list[int] = field(default_factory=lambda: [0])
@@ -74,6 +77,8 @@ class PipelineInputs:
     eval_probe_preset: str = "paper"
     eval_detection_preset: str = "coco-1x"
     eval_segmentation_preset: str = "voc"
+    eval_detection_gpus: int = 1
+    eval_segmentation_gpus: int = 1
     cluster_launch_backend: str = "pytorchjob"
     cluster_image: str = IMAGE
     cluster_namespace: str = ""
@@ -152,11 +157,15 @@ def validate(inputs: PipelineInputs, job_name: str) -> list[str]:
             f"data_source_layout {inputs.data_source_layout!r}: one of {', '.join(LAYOUTS)}"
         )
     for name in (
-        "data_shard_size", "data_prepare_workers", "pretrain_epochs", "pretrain_batch_size",
+        "data_shard_size", "data_prepare_workers", "data_prepare_parts", "pretrain_epochs",
+        "pretrain_batch_size",
         "pretrain_nodes", "pretrain_gpus_per_node",
     ):  # fmt: skip
         if getattr(inputs, name) < 1:
             problems.append(f"{name} {getattr(inputs, name)}: at least 1")
+    if inputs.data_prepare_parts > MAX_PREPARE_PARTS:
+        parts = inputs.data_prepare_parts
+        problems.append(f"data_prepare_parts {parts}: at most {MAX_PREPARE_PARTS}")
     if inputs.data_max_side and inputs.data_max_side < 16:
         problems.append(f"data_max_side {inputs.data_max_side}: 0 (keep sizes) or at least 16 px")
     if inputs.pretrain_config:
@@ -165,6 +174,7 @@ def validate(inputs: PipelineInputs, job_name: str) -> list[str]:
         except ValueError as error:
             problems.append(str(error))
     problems += _preset_problems(inputs)
+    problems += _evaluation_gpu_problems(inputs)
     problems += method_problems(list(inputs.pretrain_methods))
     try:
         seeds = seeds_of(list(inputs.pretrain_seeds))
@@ -232,6 +242,15 @@ def plan_run(inputs: PipelineInputs, job_name: str) -> RunPlan:
     return RunPlan(name, uri, datasets, json.dumps(dataclasses.asdict(launch), sort_keys=True))
 
 
+def prepare_parts(count: int) -> list[str]:
+    """The ``--part`` values of a source prepared by ``count`` tasks: ``["1/3", "2/3", "3/3"]``.
+
+    Empty for one: the committing task then writes every shard itself, as in one go, rather
+    than verifying again what a single part task just wrote.
+    """
+    return [f"{index}/{count}" for index in range(1, count + 1)] if count > 1 else []
+
+
 def _uris(inputs: PipelineInputs) -> list[tuple[str, str]]:
     named = [
         ("data_source_uri", inputs.data_source_uri),
@@ -262,6 +281,28 @@ def _preset_problems(inputs: PipelineInputs) -> list[str]:
         f"{name} {value!r}: one of {', '.join(known)}"
         for name, value, known in presets
         if value not in known
+    ]
+
+
+def _evaluation_gpu_problems(inputs: PipelineInputs) -> list[str]:
+    """Each evaluation's GPU count against its preset's batch and pretraining's nodes."""
+    from ladder_siam.evals.detection.config import PRESETS as DETECTION_PRESETS
+    from ladder_siam.evals.segmentation.config import PRESETS as SEGMENTATION_PRESETS
+    from ladder_siam.kube.evaluation_jobs import gpu_problems
+
+    presets = {"detection": DETECTION_PRESETS, "segmentation": SEGMENTATION_PRESETS}
+    per_node = max(inputs.pretrain_gpus_per_node, 1)  # a bad value is reported on its own
+    evaluations = (
+        ("eval_detection_gpus", "detection", inputs.eval_detection_preset,
+         inputs.eval_detection_gpus),
+        ("eval_segmentation_gpus", "segmentation", inputs.eval_segmentation_preset,
+         inputs.eval_segmentation_gpus),
+    )  # fmt: skip
+    return [
+        problem
+        for name, task, preset, gpus in evaluations
+        if preset in presets[task]
+        for problem in gpu_problems(name, task, preset, gpus, per_node)
     ]
 
 

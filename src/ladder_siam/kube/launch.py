@@ -368,13 +368,15 @@ def run_local(config: LaunchConfig) -> None:
     """Runs the job's torchrun command on this machine (one node, ``gpus_per_node`` processes).
 
     Args:
-        config: The launch settings; only the pretrain arguments, process count and
+        config: The launch settings; only the task and its arguments, the process count and
             ``max_restarts`` matter.
 
     Raises:
         subprocess.CalledProcessError: The training exited with an error.
     """
-    command = torchrun_command(1, config.gpus_per_node, config.pretrain_argv(), config.max_restarts)
+    command = torchrun_command(
+        1, config.gpus_per_node, config.argv(), config.max_restarts, config.task
+    )
     # This interpreter's torch.distributed.run is torchrun; --standalone picks a free port.
     command[:1] = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     logger.info("running %s", " ".join(command))

@@ -1,16 +1,20 @@
-"""Where and how a pretraining run executes on a cluster, whichever job kind carries it.
+"""Where and how a training job executes on a cluster, whichever job kind carries it.
 
-One :class:`LaunchConfig` describes a run: its image, its shape (nodes x GPUs), its place in the
-cluster (namespace, queue, scheduler, identity) and the trainer's whole config. The builders in
+One :class:`LaunchConfig` describes a job: its image, its shape (nodes x GPUs), its place in the
+cluster (namespace, queue, scheduler, identity) and what its pods run: pretraining with the
+trainer's whole config, or an evaluation finetune with its flags. The builders in
 :mod:`~ladder_siam.kube.pytorchjob` and :mod:`~ladder_siam.kube.trainjob` turn it into the
 object a backend expects; the command each pod runs is :func:`torchrun_command` either way.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import importlib
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,10 +51,23 @@ _LABEL_VALUE = re.compile(r"([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?")
 _QUANTITY = re.compile(r"[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?")
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 
+# What a job's pods run, ``python -m`` under torchrun; an evaluation's module and its config's.
+PRETRAIN = "pretrain"
+TASK_MODULES = {
+    PRETRAIN: "ladder_siam.pretrain",
+    "detection": "ladder_siam.evals.detection.finetune",
+    "segmentation": "ladder_siam.evals.segmentation.finetune",
+}
+_TASK_CONFIGS = {
+    "detection": "ladder_siam.evals.detection.config",
+    "segmentation": "ladder_siam.evals.segmentation.config",
+}
+EVALUATION_TASKS = tuple(_TASK_CONFIGS)
+
 
 @dataclass(frozen=True)
 class LaunchConfig:
-    """Where and how a pretraining run executes.
+    """Where and how a training job executes: pretraining, or an evaluation of an arm.
 
     Attributes:
         name: Job name (DNS-1035 label, ≤ 63 characters).
@@ -60,7 +77,12 @@ class LaunchConfig:
         arm: The run's arm this job trains (``<method>-s<seed>``), the ``ladder-siam/arm``
             label; empty for a job launched by hand.
         pretrain: The trainer's whole config, passed to every pod as ``--config-json``; its
-            method labels the pods and its metrics port is declared on the container.
+            method labels the pods and its metrics port is declared on the container. An
+            evaluation job keeps its arm's, for the method label only.
+        task: What the pods run (:data:`TASK_MODULES`): ``pretrain``, or the ``detection`` or
+            ``segmentation`` finetune of an arm's backbone.
+        task_args: An evaluation's flags, as its ``ladder-siam finetune-*`` command takes
+            them; none for pretraining.
         backend: ``pytorchjob`` or ``trainjob`` (see :data:`BACKENDS`).
         owner: The KFP run that launches the job (the ``ladder-siam/kfp-run-id`` label); a
             retried launcher adopts a job only when it carries the same owner.
@@ -104,6 +126,8 @@ class LaunchConfig:
     run_id: str
     arm: str = ""
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    task: str = PRETRAIN
+    task_args: tuple[str, ...] = ()
     backend: str = "pytorchjob"
     owner: str = ""
     nodes: int = 1
@@ -132,6 +156,11 @@ class LaunchConfig:
     def validate(self) -> None:
         """Raises ValueError naming the first invalid setting."""
         _check(self.backend in BACKENDS, f"backend {self.backend!r}: one of {', '.join(BACKENDS)}")
+        _check(self.task in TASK_MODULES, f"task {self.task!r}: one of {', '.join(TASK_MODULES)}")
+        _check(
+            (self.task == PRETRAIN) == (not self.task_args),
+            f"task_args {list(self.task_args)}: an evaluation's flags, and none for pretraining",
+        )
         _check(
             _NAME.fullmatch(self.name) and len(self.name) <= 63,
             f"name {self.name!r}: a DNS-1035 label (a-z, 0-9, '-', ≤ 63 characters)",
@@ -196,18 +225,37 @@ class LaunchConfig:
                 name in FORWARDED_VARIABLES,
                 f"tracking_env {name}: only {', '.join(FORWARDED_VARIABLES)} (no credentials)",
             )
-        port = self.pretrain.metrics_port
+        port = self.metrics_port
         _check(port is None or 1 <= port <= 65535, f"metrics_port {port}: 1..65535 or None")
+
+    def validate_task(self) -> None:
+        """Checks what the pods will run on this job's GPUs (its batch must divide over them).
+
+        Raises:
+            UsageError: Naming the first bad setting of the trainer's or evaluation's config.
+        """
+        world_size = self.nodes * self.gpus_per_node
+        if self.task == PRETRAIN:
+            self.pretrain.validate(world_size)
+        else:
+            task_config(self.task, self.task_args).validate(world_size)
+
+    @property
+    def metrics_port(self) -> int | None:
+        """The port the pods serve Prometheus metrics on; only pretraining serves them."""
+        return self.pretrain.metrics_port if self.task == PRETRAIN else None
 
     def labels(self) -> dict[str, str]:
         """The labels on the job and its pods (dashboards and ``kubectl -l`` select on them)."""
         labels = {
             "app.kubernetes.io/name": "ladder-siam",
-            "app.kubernetes.io/component": "pretrain",
+            "app.kubernetes.io/component": self.task,
             "app.kubernetes.io/managed-by": MANAGED_BY,
             RUN_ID_LABEL: self.run_id,
-            METHOD_LABEL: method_label(self.pretrain.method),
         }
+        # An evaluation launched by hand evaluates some backbone, not the config's method.
+        if self.task == PRETRAIN or self.arm:
+            labels[METHOD_LABEL] = method_label(self.pretrain.method)
         if self.arm:
             labels[ARM_LABEL] = self.arm
         if self.owner:
@@ -221,15 +269,37 @@ class LaunchConfig:
             labels[KUEUE_QUEUE_LABEL] = self.queue_name
         return labels
 
-    def pretrain_argv(self) -> list[str]:
-        """The ``ladder_siam.pretrain`` arguments: the whole config as one JSON argument."""
+    def argv(self) -> list[str]:
+        """The task's arguments: pretraining's config as one JSON argument, or evaluation flags."""
+        if self.task != PRETRAIN:
+            return list(self.task_args)
         return ["--config-json", json.dumps(dataclasses.asdict(self.pretrain), sort_keys=True)]
 
     def command(self) -> list[str]:
         """What every pod runs: torchrun over the node's GPUs."""
         return torchrun_command(
-            self.nodes, self.gpus_per_node, self.pretrain_argv(), self.max_restarts
+            self.nodes, self.gpus_per_node, self.argv(), self.max_restarts, self.task
         )
+
+
+def task_config(task: str, args: Sequence[str]) -> Any:
+    """An evaluation's config from its flags, exactly as its module will parse them.
+
+    Raises:
+        UsageError: An unknown task, or flags its parser rejects (the message is the parser's).
+    """
+    if task not in _TASK_CONFIGS:
+        raise UsageError(f"task {task!r}: one of {', '.join(EVALUATION_TASKS)}")
+    module = importlib.import_module(_TASK_CONFIGS[task])
+    parser = argparse.ArgumentParser(prog=task, add_help=False, exit_on_error=False)
+    module.add_arguments(parser)
+    try:
+        parsed, unknown = parser.parse_known_args(list(args))
+    except argparse.ArgumentError as error:
+        raise UsageError(f"{task} flags: {error}") from None
+    if unknown:
+        raise UsageError(f"{task} flags: unknown {' '.join(unknown)}")
+    return module.config_from_args(parsed)
 
 
 def method_label(method: str) -> str:
@@ -266,9 +336,9 @@ def _check_image(image: str) -> None:
 
 
 def torchrun_command(
-    nnodes: int, nproc_per_node: int, argv: list[str], max_restarts: int = 0
+    nnodes: int, nproc_per_node: int, argv: list[str], max_restarts: int = 0, task: str = PRETRAIN
 ) -> list[str]:
-    """``torchrun`` over ``ladder_siam.pretrain`` as an argument list (never a shell string).
+    """``torchrun`` over ``task``'s module as an argument list (never a shell string).
 
     With ``max_restarts`` torchrun restarts the node's workers when one dies (a lost GPU, an
     OOM kill); they resume from the newest checkpoint, so the run's result is unchanged. The
@@ -276,5 +346,5 @@ def torchrun_command(
     """
     return [
         "torchrun", "--nnodes", str(nnodes), "--nproc-per-node", str(nproc_per_node),
-        "--max-restarts", str(max_restarts), "-m", "ladder_siam.pretrain", *argv,
+        "--max-restarts", str(max_restarts), "-m", TASK_MODULES[task], *argv,
     ]  # fmt: skip

@@ -114,9 +114,9 @@ def pod_template(config: LaunchConfig, container_name: str) -> dict[str, Any]:
         "volumeMounts": [dict(mount) for mount in VOLUME_MOUNTS],
         "securityContext": container_security(config.run_as_user),
     }
-    if config.pretrain.metrics_port is not None:
+    if config.metrics_port is not None:
         container["ports"] = [
-            {"name": "metrics", "containerPort": config.pretrain.metrics_port, "protocol": "TCP"}
+            {"name": "metrics", "containerPort": config.metrics_port, "protocol": "TCP"}
         ]
     if config.s3_secret is not None:
         container["envFrom"] = [{"secretRef": {"name": config.s3_secret}}]

@@ -22,7 +22,7 @@ from typing import Any, Protocol
 
 from ladder_siam.io import storage
 from ladder_siam.kube.arms import plan_arms as plan_arms_of
-from ladder_siam.kube.inputs import PipelineInputs, RunPlan, plan_run, run_name
+from ladder_siam.kube.inputs import PipelineInputs, RunPlan, plan_run, prepare_parts, run_name
 from ladder_siam.kube.launch_config import LaunchConfig
 from ladder_siam.runtime.metrics import delete_run_groups, push_job_metrics
 from ladder_siam.runtime.run_folder import RunFolder
@@ -109,6 +109,42 @@ def prepare_dataset(
         metrics.log_metric(f"{split}_samples", summary.num_samples)
         metrics.log_metric(f"{split}_shards", summary.num_shards)
         metrics.log_metric(f"{split}_skipped", summary.num_skipped)
+
+
+def plan_parts(count: int, dest: str, fingerprint: str) -> list[dict[str, str]]:
+    """The part tasks of one source prepared by ``count`` tasks: none for one.
+
+    Each item carries its part (``I/N``, see :func:`kube.inputs.prepare_parts`) and the
+    dataset's folder and fingerprint: kfp.local (2.17) hands a loop its item in place of
+    every other step's output passed into it, so a loop's tasks take only the item and the
+    pipeline's own parameters.
+    """
+    return [
+        {"part": part, "dest": dest, "fingerprint": fingerprint} for part in prepare_parts(count)
+    ]
+
+
+def prepare_dataset_part(
+    source: str,
+    layout: str,
+    dest: str,
+    fingerprint: str,
+    shard_size: int,
+    max_side: int,
+    workers: int,
+    part: str,
+) -> None:
+    """Writes one part's shards of a source prepared by several tasks; commits nothing.
+
+    The same arguments as :func:`prepare_dataset`, which runs after every part and commits;
+    ``part`` is ``I/N`` (see :func:`ladder_siam.kube.inputs.prepare_parts`).
+    """
+    from ladder_siam.prep.prepare_shards import parse_part, prepare_shards
+
+    prepare_shards(
+        source, dest, layout, shard_size, max_side or None, workers, fingerprint=fingerprint,
+        part=parse_part(part),
+    )  # fmt: skip
 
 
 def plan_arms(launch: str, run_uri: str, methods: list[str], seeds: list[Any]) -> list[dict]:
@@ -205,25 +241,79 @@ def linear_probe(
 
 
 def finetune_detection(
-    model: Artifact, dataset: Artifact, preset: str, metrics: MetricsArtifact
+    model: Artifact,
+    dataset: Artifact,
+    preset: str,
+    gpus: int,
+    launch: str,
+    backend: str,
+    kfp_run_id: str,
+    metrics: MetricsArtifact,
 ) -> dict[str, Any]:
-    """Mask R-CNN finetune and COCO evaluation; writes ``eval/detection``."""
-    from ladder_siam.evals.detection.config import make_config
-    from ladder_siam.evals.detection.finetune import finetune_detection as finetune
+    """Mask R-CNN finetune and COCO evaluation on ``gpus`` GPUs; writes ``eval/detection``.
 
-    config = make_config(preset, **_eval_paths(model, dataset, "detection"))
-    return _log_scalars(finetune(config), metrics)
+    See :func:`run_evaluation` for the arguments.
+    """
+    return run_evaluation("detection", model, dataset, preset, gpus, launch, backend,
+                          kfp_run_id, metrics)  # fmt: skip
 
 
 def finetune_segmentation(
-    model: Artifact, dataset: Artifact, preset: str, metrics: MetricsArtifact
+    model: Artifact,
+    dataset: Artifact,
+    preset: str,
+    gpus: int,
+    launch: str,
+    backend: str,
+    kfp_run_id: str,
+    metrics: MetricsArtifact,
 ) -> dict[str, Any]:
-    """FCN-D8 finetune and mIoU evaluation; writes ``eval/segmentation``."""
-    from ladder_siam.evals.segmentation.config import make_config
-    from ladder_siam.evals.segmentation.finetune import finetune_segmentation as finetune
+    """FCN-D8 finetune and mIoU evaluation on ``gpus`` GPUs; writes ``eval/segmentation``.
 
-    config = make_config(preset, **_eval_paths(model, dataset, "segmentation"))
-    return _log_scalars(finetune(config), metrics)
+    See :func:`run_evaluation` for the arguments.
+    """
+    return run_evaluation("segmentation", model, dataset, preset, gpus, launch, backend,
+                          kfp_run_id, metrics)  # fmt: skip
+
+
+def run_evaluation(
+    task: str,
+    model: Artifact,
+    dataset: Artifact,
+    preset: str,
+    gpus: int,
+    launch: str,
+    backend: str,
+    kfp_run_id: str,
+    metrics: MetricsArtifact,
+) -> dict[str, Any]:
+    """An arm's detection or segmentation evaluation, as a training job of its own.
+
+    Args:
+        task: ``detection`` or ``segmentation``.
+        model: The arm's backbone.
+        dataset: The evaluation's shards.
+        preset: The evaluation's preset; its global batch stays the same on any GPU count.
+        gpus: GPUs of the job (see :mod:`ladder_siam.kube.evaluation_jobs`).
+        launch: The arm's launch settings (its ``LaunchConfig`` as JSON), whose placement,
+            queue and identity the job shares.
+        backend: ``pytorchjob`` or ``trainjob``, or ``local`` (here: in this process on one
+            GPU, under torchrun on more).
+        kfp_run_id: The KFP run; labels the job, so that a retry adopts only its own job.
+        metrics: Output: the evaluation's scalars.
+
+    Returns:
+        The evaluation's ``metrics.json``.
+    """
+    from ladder_siam.kube.evaluation_jobs import evaluation_args
+    from ladder_siam.kube.evaluation_jobs import run_evaluation as run
+
+    paths = _eval_paths(model, dataset, task)
+    arm = dataclasses.replace(
+        launch_config_from_json(launch), owner=kfp_run_id, tracking_env=forwarded_env()
+    )
+    args = evaluation_args(preset, paths["backbone"], paths["train"], paths["val"], paths["out"])
+    return _log_scalars(run(task, args, gpus, arm, backend), metrics)
 
 
 def write_report(

@@ -50,7 +50,7 @@ def build_trainjob(config: LaunchConfig) -> dict[str, Any]:
         ValueError: A setting is invalid, or one a TrainJob cannot carry (the message names it).
     """
     config.validate()
-    port = config.pretrain.metrics_port
+    port = config.metrics_port
     if port not in (None, RUNTIME_METRICS_PORT):
         raise UsageError(
             f"LaunchConfig: metrics_port {port}: the TrainingRuntime declares port "
