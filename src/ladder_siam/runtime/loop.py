@@ -18,6 +18,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -41,6 +42,20 @@ def wrap_ddp(model: nn.Module, env: DistributedEnv) -> nn.Module:
     return DistributedDataParallel(
         model, device_ids=[env.device] if env.device.type == "cuda" else None
     )
+
+
+def broadcast_buffers(model: nn.Module, env: DistributedEnv) -> None:
+    """Gives every rank rank 0's buffers (BatchNorm's running statistics) before evaluating.
+
+    DDP broadcasts rank 0's buffers at the start of each forward, so after the last step
+    every rank holds the statistics its own last batch left. Without SyncBN (on CPU, or
+    ``sync_bn`` off) they differ, and ranks scoring shares of a split would score different
+    models; rank 0's is the one the checkpoint holds.
+    """
+    if env.world_size == 1:
+        return
+    for buffer in model.buffers():
+        dist.broadcast(buffer, src=0)
 
 
 def gradient_sync(model: nn.Module, sync: bool) -> AbstractContextManager[object]:

@@ -48,6 +48,7 @@ from ladder_siam.runtime.health import FiniteCheck
 from ladder_siam.runtime.loop import (
     IntervalLog,
     autocast,
+    broadcast_buffers,
     convert_sync_bn,
     cpu_threads,
     set_lr,
@@ -123,6 +124,7 @@ def _run(config: DetectionConfig, env: distributed.DistributedEnv) -> dict[str, 
         env.world_size, env.device.type, config.iterations, config.batch_size,
     )  # fmt: skip
     train(run)
+    broadcast_buffers(run.model, env)
     results, val_images = evaluate(run.model, val_split, config, env)
     metrics = {
         "preset": config.preset,

@@ -49,7 +49,14 @@ from ladder_siam.io import storage
 from ladder_siam.nets.backbone_file import BackboneInfo, load_backbone
 from ladder_siam.runtime import distributed, resume, tracking
 from ladder_siam.runtime.health import FiniteCheck
-from ladder_siam.runtime.loop import IntervalLog, autocast, convert_sync_bn, set_lr, wrap_ddp
+from ladder_siam.runtime.loop import (
+    IntervalLog,
+    autocast,
+    broadcast_buffers,
+    convert_sync_bn,
+    set_lr,
+    wrap_ddp,
+)
 from ladder_siam.runtime.metrics import push_job_metrics
 from ladder_siam.runtime.per_image import write_per_image
 from ladder_siam.runtime.progress import Progress
@@ -246,6 +253,7 @@ def _run(config: SegmentationConfig, env: distributed.DistributedEnv) -> dict[st
     )  # fmt: skip
     model.train()
     train(run, dataset)
+    broadcast_buffers(model, env)
     # Per-image counts only from a single process: ranks score disjoint shares of the split.
     matrices: list[torch.Tensor] | None = [] if env.world_size == 1 else None
     scores = evaluate(model, val_split, config, env, matrices)
