@@ -30,8 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import platform
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -39,6 +37,7 @@ from typing import Any
 
 import torch
 import torchvision
+from timing import machine, sync, time_steps  # this folder is on sys.path
 
 from ladder_siam.evals.detection.config import PRESETS as DETECTION_PRESETS
 from ladder_siam.evals.detection.config import DetectionConfig
@@ -228,44 +227,6 @@ def segmentation_step(
     return step
 
 
-def time_steps(step: Step, args: argparse.Namespace, device: torch.device) -> dict[str, float]:
-    """Runs ``--warmup`` untimed then ``--steps`` timed calls of ``step``.
-
-    Args:
-        step: One optimizer step.
-        args: The parsed options (``--steps``, ``--warmup``).
-        device: The step's device, synchronised before each clock reading.
-
-    Returns:
-        ``warmup_seconds``, ``seconds_per_iteration`` and ``peak_memory_gib`` (0 on a CPU),
-        the peak over the timed steps.
-    """
-    start = time.perf_counter()
-    for _ in range(args.warmup):
-        step()
-    _sync(device)
-    warmup_seconds = time.perf_counter() - start
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    _sync(device)
-    seconds = time.perf_counter() - start
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
-    return {
-        "warmup_seconds": warmup_seconds,
-        "seconds_per_iteration": seconds / args.steps,
-        "peak_memory_gib": peak / 2**30,
-    }
-
-
-def _sync(device: torch.device) -> None:
-    # CUDA kernels run asynchronously: without this the clock stops before the GPU does.
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def bench_task(task: str, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     """Builds one task's finetune at its preset and measures its step.
 
@@ -302,17 +263,17 @@ def bench_task(task: str, args: argparse.Namespace, device: torch.device) -> dic
         assert isinstance(config, DetectionConfig)
         with cpu_threads(config.cpu_threads):  # as the detection finetune runs
             step = detection_step(config, args, batch, classes, device)
-            _sync(device)
+            sync(device)
             build_seconds = time.perf_counter() - build_start
-            timing = time_steps(step, args, device)
+            timing = time_steps(step, args.steps, args.warmup, device)
         height = config.min_size
         shape = [height, min(round(height * 4 / 3), config.max_size)]
     else:
         assert isinstance(config, SegmentationConfig)
         step = segmentation_step(config, args, batch, classes, device)
-        _sync(device)
+        sync(device)
         build_seconds = time.perf_counter() - build_start
-        timing = time_steps(step, args, device)
+        timing = time_steps(step, args.steps, args.warmup, device)
         shape = [config.crop_size, config.crop_size]
     seconds = timing["seconds_per_iteration"]
     return {
@@ -323,20 +284,6 @@ def bench_task(task: str, args: argparse.Namespace, device: torch.device) -> dic
         "steps": args.steps, "warmup": args.warmup, "build_seconds": build_seconds, **timing,
         "images_per_second": batch / seconds, "iterations": config.iterations,
         "per_gpu_share_hours": config.iterations * seconds / 3600, "estimate_note": SHARE_NOTE,
-    }  # fmt: skip
-
-
-def machine(device: torch.device) -> dict[str, Any]:
-    """The device, the host and the versions, stored with every record."""
-    name = (
-        torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else platform.processor() or platform.machine() or "cpu"
-    )
-    return {
-        "device": name, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__, "torchvision": torchvision.__version__,
-        "cuda": torch.version.cuda, "python": platform.python_version(),
     }  # fmt: skip
 
 

@@ -23,11 +23,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import platform
 import time
 from pathlib import Path
 
 import torch
+from timing import device_name, sync, time_steps  # this folder is on sys.path
 
 from ladder_siam.pretrain.config import PretrainConfig
 from ladder_siam.pretrain.monitor import OnlineMonitor
@@ -86,24 +86,12 @@ def synthetic_batch(args: argparse.Namespace, device: torch.device, labels: bool
 def bench(method: str, variant: str, args: argparse.Namespace, device: torch.device) -> dict:
     trainer = make_trainer(method, variant, args, device, monitor=False)
     views = synthetic_batch(args, device, labels=False)
-    compile_start = time.perf_counter()
-    for _ in range(args.warmup):
-        training_step(trainer, views)
-    _sync(device)
-    warmup_seconds = time.perf_counter() - compile_start
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        training_step(trainer, views)
-    _sync(device)
-    seconds = time.perf_counter() - start
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+    timing = time_steps(lambda: training_step(trainer, views), args.steps, args.warmup, device)
+    seconds = timing["seconds_per_iteration"]
     return {
-        "method": method, "variant": variant,
-        "images_per_second": args.steps * args.batch_size / seconds,
-        "step_ms": 1000 * seconds / args.steps, "peak_memory_gib": peak / 2**30,
-        "warmup_seconds": warmup_seconds,
+        "method": method, "variant": variant, "images_per_second": args.batch_size / seconds,
+        "step_ms": 1000 * seconds, "peak_memory_gib": timing["peak_memory_gib"],
+        "warmup_seconds": timing["warmup_seconds"],
     }  # fmt: skip
 
 
@@ -119,10 +107,10 @@ def bench_monitor(
     update = monitor.update
 
     def timed_update(*update_args: object) -> None:
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         update(*update_args)  # type: ignore[arg-type]
-        _sync(device)
+        sync(device)
         inside.append(time.perf_counter() - start)
 
     monitor.update = timed_update  # type: ignore[method-assign]
@@ -142,10 +130,10 @@ def bench_monitor(
     seconds = {0: 0.0, 1: 0.0}
     for index in range(args.steps):
         for on in (0, 1) if index % 2 == 0 else (1, 0):
-            _sync(device)
+            sync(device)
             start = time.perf_counter()
             training_step(trainers[on], batches[on])
-            _sync(device)
+            sync(device)
             seconds[on] += time.perf_counter() - start
     return {
         "method": method, "variant": variant, "monitor": True,
@@ -156,11 +144,6 @@ def bench_monitor(
         "step_ratio": seconds[1] / seconds[0],
         "rankme_computations": len(computed),
     }  # fmt: skip
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def summarize_monitor(results: list[dict]) -> str:
@@ -239,11 +222,7 @@ def main() -> None:
     torch.backends.cudnn.benchmark = True
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-    name = (
-        torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else platform.processor() or "cpu"
-    )
+    name = device_name(device)
     print(
         f"device {name}; torch {torch.__version__}; {args.arch} {args.image_size} px, "
         f"batch {args.batch_size}",

@@ -21,6 +21,8 @@ def finetune_segmentation(
 
     A launcher: the finetune runs as a training job of the arm on ``gpus`` GPUs.
     """
-    from ladder_siam.kube.steps import finetune_segmentation as evaluate
+    from ladder_siam.kube.steps import run_evaluation
 
-    evaluate(model, dataset, preset, gpus, launch, backend, kfp_run_id, metrics)
+    run_evaluation(
+        "segmentation", model, dataset, preset, gpus, launch, backend, kfp_run_id, metrics
+    )

@@ -211,9 +211,10 @@ def test_the_pipeline_step_submits_the_arms_job_once_and_reads_its_metrics(
         monkeypatch.setattr(kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", str(kubeconfig))
         monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
         with caplog.at_level(logging.INFO, logger="ladder_siam"):
-            result = steps.finetune_detection(
-                model, dataset, "coco-1x", 8, launch, "pytorchjob", "kfp-run-9", metrics
-            )
+            result = steps.run_evaluation(
+                "detection", model, dataset, "coco-1x", 8, launch, "pytorchjob", "kfp-run-9",
+                metrics,
+            )  # fmt: skip
     assert result == written and metrics.logged == written["scalars"]
     [job] = cluster.jobs.values()
     assert cluster.created == 1 and crd_errors(job) == []

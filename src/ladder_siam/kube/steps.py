@@ -240,42 +240,6 @@ def linear_probe(
     return result
 
 
-def finetune_detection(
-    model: Artifact,
-    dataset: Artifact,
-    preset: str,
-    gpus: int,
-    launch: str,
-    backend: str,
-    kfp_run_id: str,
-    metrics: MetricsArtifact,
-) -> dict[str, Any]:
-    """Mask R-CNN finetune and COCO evaluation on ``gpus`` GPUs; writes ``eval/detection``.
-
-    See :func:`run_evaluation` for the arguments.
-    """
-    return run_evaluation("detection", model, dataset, preset, gpus, launch, backend,
-                          kfp_run_id, metrics)  # fmt: skip
-
-
-def finetune_segmentation(
-    model: Artifact,
-    dataset: Artifact,
-    preset: str,
-    gpus: int,
-    launch: str,
-    backend: str,
-    kfp_run_id: str,
-    metrics: MetricsArtifact,
-) -> dict[str, Any]:
-    """FCN-D8 finetune and mIoU evaluation on ``gpus`` GPUs; writes ``eval/segmentation``.
-
-    See :func:`run_evaluation` for the arguments.
-    """
-    return run_evaluation("segmentation", model, dataset, preset, gpus, launch, backend,
-                          kfp_run_id, metrics)  # fmt: skip
-
-
 def run_evaluation(
     task: str,
     model: Artifact,
